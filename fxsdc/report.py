@@ -47,7 +47,7 @@ import numpy as np
 from tabulate import tabulate
 
 from fxsdc.errors import UserError
-from fxsdc.schema import KINDS, OUTCOMES, TRIAL_FIELDS
+from fxsdc.schema import KINDS, OUTCOMES, TRIAL_FIELDS, TRIAL_SQL_COLUMNS
 
 REPORT_SCHEMA = "fxsdc-report/1"
 STORE_FORMAT = "fxsdc-results"
@@ -67,6 +67,7 @@ _FIELDS = ("sign", "exponent", "mantissa")
 _LOCATION_ORDER = ("q", "k", "v", "scores", "weights", "out")
 _QUANTILES = (("p05", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p95", 0.95))
 _HIST_BINS = 30
+_REAL_FIELDS = tuple(name for name, sql_type in TRIAL_SQL_COLUMNS if sql_type == "REAL")
 
 Stat = dict[str, Any]
 Trial = dict[str, Any]
@@ -200,6 +201,13 @@ def _normalise(t: Trial, where: str) -> Trial:
     if not isinstance(detected_by, dict):
         raise UserError(f"{where}: detected_by is not a JSON object")
     t["detected_by"] = {str(c): int(bool(v)) for c, v in detected_by.items()}
+    for name in _REAL_FIELDS:
+        # SQLite turns a float NaN into NULL ("not measured"), so stores keep NaN as the text 'NaN'.
+        if isinstance(t[name], str):
+            try:
+                t[name] = float(t[name])
+            except ValueError:
+                raise UserError(f"{where}: {name} is {t[name]!r}, not a number") from None
     t["detected"] = int(bool(t["detected"]))
     t["dtype"] = _canonical_dtype(t["dtype"])
     if t["bit"] is not None:

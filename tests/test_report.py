@@ -257,6 +257,17 @@ def test_mixed_dtypes_label_bits_per_dtype(tmp_path: Path) -> None:
     assert kn(msb["ours"]) == (1, 2)  # float32 bit 30 and bfloat16 bit 14
 
 
+def test_nan_stored_as_text_counts_as_non_finite(tmp_path: Path) -> None:
+    row = _injected(0, 30, "scores", 0, "DUE", BOUNDS)
+    row.update(loss_delta="NaN", output_rel_diff="NaN", epsilon="NaN", margin=2.0)
+    rep = build_report(load_trials([make_store(tmp_path / "nan.db", [row])]))
+    eps = {(r["quantity"], r["kind"]): r for r in rep["tightness"]}[("epsilon", "injected")]
+    assert (eps["n"], eps["n_nonfinite"], eps["median"]) == (0, 1, None)
+    assert rep["propagation"]["points"] == []
+    assert rep["propagation"]["loss_vs_detection"][0]["n_finite"] == 0
+    json.dumps(rep, allow_nan=False)
+
+
 def test_by_selects_tables(shards: list[Path]) -> None:
     rep = build_report(load_trials(shards), by="location,bit")
     assert list(rep["by"]) == ["location", "bit"]
