@@ -152,23 +152,30 @@ _INSERT = f"INSERT OR IGNORE INTO trials ({_COLUMNS}) VALUES ({', '.join('?' * l
 class ResultsLogger:
     """Append-only store of :class:`~fxsdc.schema.TrialRecord` rows in one SQLite file.
 
-    ``create=False`` refuses a missing file (for readers such as the report). Opening a file that
-    is not a results store raises UserError and leaves the file untouched.
+    ``create=False`` refuses a missing file. ``readonly=True`` (implies ``create=False``) never
+    modifies the file, for readers such as the report. Opening a file that is not a results store
+    raises UserError and leaves the file untouched.
     """
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], create: bool = True, readonly: bool = False) -> None:
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        if (readonly or not create) and not self.path.is_file():
             raise UserError(f"{self.path}: no such results store")
         try:
-            self._conn = sqlite3.connect(self.path, timeout=30.0)
+            if readonly:
+                self._conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
+            else:
+                self._conn = sqlite3.connect(self.path, timeout=30.0)
         except sqlite3.Error as e:
             raise UserError(f"{self.path}: cannot open results store: {e}") from e
         self._conn.row_factory = sqlite3.Row
         try:
-            self._check_or_create(create)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._add_missing_columns()
+            self._check_or_create(create and not readonly)
+            if readonly:
+                self._require_columns()
+            else:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._add_missing_columns()
         except BaseException:
             self._conn.close()
             raise
@@ -200,10 +207,19 @@ class ResultsLogger:
             raise UserError(f"{self.path} is an fxsdc results store of version {meta.get('version')}; "
                             f"this fxsdc reads version {VERSION}")
 
+    def _missing_columns(self) -> list[tuple[str, str]]:
+        present = {r["name"] for r in self._conn.execute("PRAGMA table_info(trials)")}
+        return [(n, t) for n, t in TRIAL_SQL_COLUMNS if n not in present]
+
+    def _require_columns(self) -> None:
+        missing = [n for n, _ in self._missing_columns()]
+        if missing:
+            raise UserError(f"{self.path}: results store lacks columns {', '.join(missing)} "
+                            "(open it writable once to add them)")
+
     def _add_missing_columns(self) -> None:
         """Add columns that the schema gained after this store was written (with their defaults)."""
-        present = {r["name"] for r in self._conn.execute("PRAGMA table_info(trials)")}
-        missing = [(n, t) for n, t in TRIAL_SQL_COLUMNS if n not in present]
+        missing = self._missing_columns()
         if not missing:
             return
         for name, _ in missing:

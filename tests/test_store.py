@@ -154,6 +154,26 @@ def test_foreign_files_are_refused_untouched(tmp_path: Path) -> None:
         ResultsLogger(tmp_path / "no" / "dir.db")
 
 
+def test_readonly_reads_and_never_modifies(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with ResultsLogger(path) as store:
+        store.log_many(fake_record(i) for i in range(6))
+    before = path.read_bytes()
+    with ResultsLogger(path, readonly=True) as store:
+        assert same(store.records(), [fake_record(i) for i in range(6)])
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store.log(fake_record(7))
+    assert path.read_bytes() == before
+    with pytest.raises(UserError, match="no such results store"):
+        ResultsLogger(tmp_path / "typo.db", readonly=True)
+    assert not (tmp_path / "typo.db").exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(UserError, match="is not an fxsdc results store"):
+        ResultsLogger(empty, readonly=True)
+    assert empty.read_bytes() == b""
+
+
 def test_other_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     ResultsLogger(path).close()
@@ -172,6 +192,8 @@ def test_store_missing_a_newer_column_gains_it(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("ALTER TABLE trials DROP COLUMN extra")
     conn.close()
+    with pytest.raises(UserError, match="lacks columns extra"):
+        ResultsLogger(path, readonly=True)
     with ResultsLogger(path) as store:
         (back,) = store.records()
     assert back.extra == "{}"
