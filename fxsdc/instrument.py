@@ -1,0 +1,116 @@
+"""The graph API: trace a model, run the passes, and get back an instrumented GraphModule."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from passes.insert_injection import FAULT_MODELS, SiteInfo, insert_fault_injection
+from passes.match_attention import LOCATIONS, AttentionNotFound, match_attention
+from passes.shapes import propagate_shapes
+
+from . import models
+from .errors import UserError
+from .faults import FaultController, InjectionLocation
+from .tracing import trace
+
+# Odd example sizes, so that the sequence length cannot be mistaken for a head count or head
+# dimension when the passes read per-site shapes (see SiteInfo.seq_dims).
+EXAMPLE_BATCH, EXAMPLE_SEQ = 3, 13
+
+
+@dataclass
+class Instrumented:
+    """An instrumented model: ``gm`` (the rewritten GraphModule), its ``sites``, the traced
+    ``original`` it came from (sharing weights), and ``faults`` to arm and read faults.
+    Unpacks as ``gm, sites = fxsdc.instrument(...)``."""
+
+    gm: fx.GraphModule
+    sites: list[SiteInfo]
+    original: fx.GraphModule
+    example: dict[str, torch.Tensor]
+    loaded: models.LoadedModel | None = None
+    faults: FaultController = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.faults = FaultController(self.gm)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.gm, self.sites))
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.gm(**inputs)
+
+    def compile(self, **options: Any) -> nn.Module:
+        """``torch.compile`` of the instrumented module. Faults are armed through
+        ``self.faults`` as in eager mode; the compiled module shares the fault buffers."""
+        return torch.compile(self.gm, **options)
+
+
+def _parse_layers(layers: Sequence[int] | None, num_layers: int) -> list[int] | None:
+    if layers is None:
+        return None
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise UserError(f"layer {bad[0]} is out of range: the model has {num_layers} layers "
+                        f"(0-{num_layers - 1})")
+    return sorted(set(layers))
+
+
+def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
+               layers: Sequence[int] | None = None, fault_model: str = "bitflip",
+               slots: int = 1, tiny: bool = False, pretrained: bool | None = None,
+               dtype: torch.dtype = torch.float32,
+               example_inputs: dict[str, torch.Tensor] | None = None) -> Instrumented:
+    """Trace ``model`` (a registry name or a loaded HF model) and insert injection nodes at the
+    chosen (layer, location) sites; every fault starts switched off."""
+    locations = [InjectionLocation.parse(loc).value for loc in locations]
+    if fault_model not in FAULT_MODELS:
+        raise UserError(f"unknown fault model {fault_model!r}; choose from "
+                        f"{', '.join(FAULT_MODELS)}")
+    if slots < 1:
+        raise UserError("slots must be at least 1")
+    loaded = None
+    if isinstance(model, str):
+        spec = models.resolve(model)
+        _parse_layers(layers, spec.num_layers(tiny))  # fail before loading any weights
+        loaded = models.load_model(model, tiny=tiny, pretrained=pretrained, dtype=dtype)
+        model = loaded.model
+    model.eval()
+    if example_inputs is None:
+        if loaded is None:
+            loaded = models.LoadedModel(models.REGISTRY["gpt2"], model, None, False, False,
+                                        "user model")
+        example_inputs = models.sample_inputs(loaded, EXAMPLE_BATCH, EXAMPLE_SEQ)
+    original = propagate_shapes(trace(model), example_inputs)
+    try:
+        num_layers = len(match_attention(original))
+    except AttentionNotFound as exc:
+        raise UserError(f"{type(model).__name__}: {exc}") from None
+    chosen = _parse_layers(layers, num_layers)
+    gm = insert_fault_injection(original, locations=locations, layers=chosen,
+                                fault_model=fault_model, slots=slots)
+    return Instrumented(gm, gm.meta["fxsdc_sites"], original, example_inputs, loaded)
+
+
+def compare_outputs(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, float]:
+    """Whether two model outputs are bitwise equal (NaNs included), and their largest absolute
+    difference: inf or NaN when a non-finite value appears on one side only."""
+    equal, worst = True, 0.0
+    for key, x in a.items():
+        y = b[key]
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False, float("nan")
+        equal &= torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+        if x.numel():
+            diff = (x.double() - y.double()).abs()
+            same_nan = x.isnan() & y.isnan()  # NaN on both sides is no difference
+            diff = torch.where(same_nan | (x == y), 0.0, diff)
+            worst = max(worst, float(diff.max()), key=lambda v: (v != v, v))  # NaN wins
+    return equal, worst

@@ -1,0 +1,119 @@
+"""Runtime ops called by the nodes that the passes insert.
+
+Everything here is plain tensor code: no ``.item()``, no host sync, no Python branch on a tensor
+value (branches on shapes and dtypes are static under tracing and compilation). What changes
+between trials is read from tensors (the fault table), so one compiled graph serves a sweep.
+
+Fault table (buffers registered on the instrumented GraphModule), one entry per *slot*; a
+slot hits one element of one sample, so a batch of B samples can run B independent trials:
+
+- ``site[F]``   int64: id of the site the slot hits, -1 for none;
+- ``batch[F]``  int64: the sample (batch element) it hits;
+- ``pos[F]``    int64: flat offset of the element within that sample's part of the site's tensor,
+  in the logical row-major order of the per-sample shape, e.g. (H, T, T) for scores;
+- ``mask[F]``   int64: XOR mask of the flipped bits as a signed integer of the site dtype's width
+  (:func:`fxsdc.bits.xor_mask`);
+- ``before[F]``, ``after[F]`` float64: written by the forward pass, the element's value before and
+  after the flip; a slot that does not fire leaves them as they were (the host fills them with
+  NaN when it arms the faults).
+
+Probabilistic faults use one entry per sample: ``site``, ``batch``, ``rate`` (probability that each
+element of the site is hit), ``seed``, ``mask`` (0 picks a random bit per hit element) and
+``count`` (flips applied, written by the forward pass). Hits come from a counter-based hash of
+(seed, element offset), so the host can recompute exactly which elements were hit, and compiled
+and eager runs agree.
+"""
+from __future__ import annotations
+
+import torch
+
+from .bits import layout
+
+
+def _unravel(pos: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Row-major multi-index of flat offsets ``pos`` in ``shape`` (static ints)."""
+    index = []
+    for size in reversed(shape):
+        index.append(pos % size)
+        pos = torch.div(pos, size, rounding_mode="floor")
+    return tuple(reversed(index))
+
+
+def _per_sample(x: torch.Tensor, fused_heads: int) -> torch.Tensor:
+    """View ``x`` with the batch as its leading dim. Layouts (B, ...) are used as they are,
+    keeping their strides; fused layouts (B*H, T, X), as in OPT, are contiguous outputs of bmm or
+    ``view``, so viewing them as (B, H, T, X) is free."""
+    return x if not fused_heads else x.view(-1, fused_heads, *x.shape[1:])
+
+
+def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch.Tensor,
+                    batch: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                    before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Flip the bits the fault table assigns to ``site_id`` in ``x``; record before/after."""
+    xs = _per_sample(x, fused_heads)
+    sample_shape = tuple(xs.shape[1:])
+    numel = xs[0].numel()
+    int_dtype = layout(x.dtype).int_dtype
+    active = site == site_id
+    safe_pos = pos.clamp(0, numel - 1)
+    safe_batch = batch.clamp(0, xs.shape[0] - 1)
+    # Each element's sample and logical offset within it, broadcast to the per-sample view.
+    offset = torch.arange(numel, device=x.device).view(sample_shape)
+    sample = torch.arange(xs.shape[0], device=x.device).view((-1,) + (1,) * len(sample_shape))
+    xor = torch.zeros((), dtype=int_dtype, device=x.device)
+    for f in range(site.shape[0]):  # slots: a static count
+        hit = (offset == safe_pos[f]) & (sample == safe_batch[f]) & active[f]
+        xor = xor | torch.where(hit, mask[f].to(int_dtype), 0)
+    flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
+
+    index = (safe_batch,) + _unravel(safe_pos, sample_shape)
+    before.copy_(torch.where(active, xs[index].to(before.dtype), before))
+    after.copy_(torch.where(active, flipped[index].to(after.dtype), after))
+    return flipped.view(x.shape)
+
+
+_HASH_MUL = (0x7FEB352D, 0x446F2D5B)  # odd 31-bit multipliers: products stay below 2**63
+
+
+def _hash32(values: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix of non-negative int64 values (two xorshift-multiply rounds)."""
+    h = values & 0xFFFFFFFF
+    for mul in _HASH_MUL:
+        h = h ^ (h >> 16)
+        h = (h * mul) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def random_hits(numel: int, seed: torch.Tensor, rate: torch.Tensor, width: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each fault-table entry: which of ``numel`` elements are hit (``[F, numel]`` bool) and
+    which bit each flips (uniform over ``width``). Host and device compute the same thing."""
+    offset = torch.arange(numel, device=device, dtype=torch.int64)
+    key = offset.unsqueeze(0) * 2 + (seed.unsqueeze(1) << 33)
+    uniform = _hash32(key).to(torch.float64) / 2.0 ** 32
+    bit = _hash32(key + 1) % width
+    return uniform < rate.unsqueeze(1).to(torch.float64), bit
+
+
+def inject_random(x: torch.Tensor, site_id: int, fused_heads: int, site: torch.Tensor,
+                  batch: torch.Tensor, rate: torch.Tensor, seed: torch.Tensor,
+                  mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Probabilistic faults: entry f hits each element of sample batch[f] with probability
+    rate[f], flipping mask[f] or, where it is 0, one random bit."""
+    xs = _per_sample(x, fused_heads)
+    sample_shape = tuple(xs.shape[1:])
+    numel = xs[0].numel()
+    lay = layout(x.dtype)
+    hit, bit = random_hits(numel, seed, rate, lay.width, x.device)  # [F, numel]
+    hit = hit & (site == site_id).unsqueeze(1)
+    random_mask = torch.bitwise_left_shift(torch.ones_like(bit), bit)
+    chosen = torch.where(mask.unsqueeze(1) != 0, mask.unsqueeze(1), random_mask)
+    # Masks with the top bit set are stored as negative numbers; the cast keeps the low bits.
+    per_entry = torch.where(hit, chosen, 0).to(lay.int_dtype)  # [F, numel]
+    sample = torch.arange(xs.shape[0], device=x.device)
+    owner = sample.unsqueeze(1) == batch.unsqueeze(0)  # [B, F]
+    xor = torch.zeros((xs.shape[0], numel), dtype=lay.int_dtype, device=x.device)
+    for f in range(site.shape[0]):
+        xor = xor ^ torch.where(owner[:, f:f + 1], per_entry[f:f + 1], 0)
+    count.add_(hit.sum(dim=1))
+    return (xs.view(lay.int_dtype) ^ xor.view(xs.shape)).view(x.dtype).view(x.shape)
