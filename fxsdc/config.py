@@ -4,6 +4,7 @@ The names follow the seed (``ExperimentConfig``, ``ParameterSweepConfig``, ``Con
 A config is validated when it is built, so a typo in a file or on the command line fails at once
 with a :class:`~fxsdc.errors.UserError` naming the field, not hours into a sweep.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,15 +98,20 @@ class ExperimentConfig:
     def _check_values(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
-                raise UserError(f"config field {name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+                raise UserError(
+                    f"config field {name}={getattr(self, name)!r} is invalid; allowed: {allowed}"
+                )
 
         def choice(name: str, options: tuple[str, ...]) -> None:
             need(getattr(self, name) in options, name, ", ".join(options))
 
         for name in ("exp_name", "model_name", "dataset_name", "dataset_split"):
             need(bool(getattr(self, name).strip()), name, "a non-empty string")
-        need(self.dataset_config is None or bool(self.dataset_config.strip()), "dataset_config",
-             "a non-empty string or null")
+        need(
+            self.dataset_config is None or bool(self.dataset_config.strip()),
+            "dataset_config",
+            "a non-empty string or null",
+        )
         for name in ("batch_size", "seq_length", "num_samples", "num_runs"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.seed >= 0, "seed", "an integer >= 0")
@@ -119,27 +125,53 @@ class ExperimentConfig:
         need(0 <= self.injection_bit < width, "injection_bit", f"0..{width - 1} for {self.dtype}")
         if self.injection_layers is not None:
             layers = self.injection_layers
-            need(bool(layers) and min(layers) >= 0 and len(set(layers)) == len(layers),
-                 "injection_layers", "null (all layers) or a non-empty list of distinct layer indices >= 0")
+            need(
+                bool(layers) and min(layers) >= 0 and len(set(layers)) == len(layers),
+                "injection_layers",
+                "null (all layers) or a non-empty list of distinct layer indices >= 0",
+            )
         if self.injection_idx is not None:
-            need(min(self.injection_idx) >= 0 and self.injection_idx[0] < self.batch_size,
-                 "injection_idx", f"null (random) or 4 indices >= 0 with batch index < batch_size={self.batch_size}")
-        need(self.tolerance is None or self.tolerance > 0, "tolerance", "null (derived) or a number > 0")
+            need(
+                min(self.injection_idx) >= 0 and self.injection_idx[0] < self.batch_size,
+                "injection_idx",
+                f"null (random) or 4 indices >= 0 with batch index < batch_size={self.batch_size}",
+            )
+        need(
+            self.tolerance is None or self.tolerance > 0,
+            "tolerance",
+            "null (derived) or a number > 0",
+        )
         if self.checks is not None:
-            need(len(set(self.checks)) == len(self.checks) and set(self.checks) <= set(CHECKS),
-                 "checks", f"null (from bounds_check/bound_type) or distinct names from {', '.join(CHECKS)}")
+            need(
+                len(set(self.checks)) == len(self.checks) and set(self.checks) <= set(CHECKS),
+                "checks",
+                f"null (from bounds_check/bound_type) or distinct names from {', '.join(CHECKS)}",
+            )
         if self.bits is not None:
-            need(bool(self.bits) and len(set(self.bits)) == len(self.bits)
-                 and all(0 <= b < width for b in self.bits),
-                 "bits", f"a non-empty list of distinct bits in 0..{width - 1} for {self.dtype}")
-        need(self.fault_model != "multibit" or self.bits is not None, "bits",
-             "a list of bits (required by fault_model='multibit')")
+            need(
+                bool(self.bits)
+                and len(set(self.bits)) == len(self.bits)
+                and all(0 <= b < width for b in self.bits),
+                "bits",
+                f"a non-empty list of distinct bits in 0..{width - 1} for {self.dtype}",
+            )
+        need(
+            self.fault_model != "multibit" or self.bits is not None,
+            "bits",
+            "a list of bits (required by fault_model='multibit')",
+        )
         if self.ber is not None:
             need(0 < self.ber <= 1, "ber", "a bit error rate in (0, 1]")
-        need(self.fault_model != "probabilistic" or self.ber is not None, "ber",
-             "a bit error rate in (0, 1] (required by fault_model='probabilistic')")
-        need(1 <= self.trials_per_pass <= self.batch_size, "trials_per_pass",
-             f"1..batch_size ({self.batch_size})")
+        need(
+            self.fault_model != "probabilistic" or self.ber is not None,
+            "ber",
+            "a bit error rate in (0, 1] (required by fault_model='probabilistic')",
+        )
+        need(
+            1 <= self.trials_per_pass <= self.batch_size,
+            "trials_per_pass",
+            f"1..batch_size ({self.batch_size})",
+        )
 
     # -- derived ----------------------------------------------------------------------------
     @property
@@ -166,7 +198,9 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
         if not isinstance(data, dict):
-            raise UserError(f"a config must be a mapping of field names to values, not {type(data).__name__}")
+            raise UserError(
+                f"a config must be a mapping of field names to values, not {type(data).__name__}"
+            )
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -267,7 +301,9 @@ def _yaml_module(path: Path) -> Any:
     try:
         import yaml
     except ImportError as e:
-        raise UserError(f"{path}: YAML configs need PyYAML (pip install pyyaml); use .json instead") from e
+        raise UserError(
+            f"{path}: YAML configs need PyYAML (pip install pyyaml); use .json instead"
+        ) from e
     return yaml
 
 
@@ -283,7 +319,9 @@ def _yaml_load(path: Path, text: str) -> Any:
         pass
 
     Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
     )
     return yaml.load(text, Loader=Loader)
 
@@ -298,10 +336,15 @@ class ParameterSweepConfig:
     def __init__(self, base_config: ExperimentConfig, sweep_params: dict[str, list[Any]]) -> None:
         for key, values in sweep_params.items():
             if key not in ExperimentConfig.FIELDS:
-                raise UserError(f"unknown sweep parameter {key!r}; fields are: {', '.join(ExperimentConfig.FIELDS)}")
+                raise UserError(
+                    f"unknown sweep parameter {key!r}; "
+                    f"fields are: {', '.join(ExperimentConfig.FIELDS)}"
+                )
             if not isinstance(values, (list, tuple)) or not values:
-                raise UserError(f"sweep parameter {key} needs a non-empty list of values, not {values!r}")
-            canon = [json.dumps(v, sort_keys=True) for v in values]
+                raise UserError(
+                    f"sweep parameter {key} needs a non-empty list of values, not {values!r}"
+                )
+            canon = [json.dumps(v, sort_keys=True, default=repr) for v in values]
             if len(set(canon)) != len(canon):
                 raise UserError(f"sweep parameter {key} repeats a value: {list(values)!r}")
         self.base_config = base_config
@@ -314,7 +357,7 @@ class ParameterSweepConfig:
         return n
 
     def generate_configs(self) -> list[ExperimentConfig]:
-        """One config per point, the last key varying fastest; exp_name gets ``-key=value`` suffixes."""
+        """One config per point, the last key varying fastest; exp_name gains ``-key=value``."""
         keys = list(self.sweep_params)
         base = self.base_config.to_dict()
         configs = []
@@ -349,7 +392,9 @@ class ConfigTemplates:
     """Predefined sweeps, including the seed's quick / medium / large experiment sizes."""
 
     @staticmethod
-    def bit_sweep(base: ExperimentConfig | None = None, location: str = "scores") -> ParameterSweepConfig:
+    def bit_sweep(
+        base: ExperimentConfig | None = None, location: str = "scores"
+    ) -> ParameterSweepConfig:
         """Every bit of the dtype (32 for float32) at one location."""
         base = base or ExperimentConfig(exp_name="bit_sweep")
         base = dataclasses.replace(base, injection_location=location)
@@ -362,7 +407,9 @@ class ConfigTemplates:
         return ParameterSweepConfig(base, {"injection_location": list(LOCATIONS)})
 
     @staticmethod
-    def layer_sweep(num_layers: int = 12, base: ExperimentConfig | None = None) -> ParameterSweepConfig:
+    def layer_sweep(
+        num_layers: int = 12, base: ExperimentConfig | None = None
+    ) -> ParameterSweepConfig:
         """One layer at a time, 0..num_layers-1."""
         if num_layers < 1:
             raise UserError(f"layer_sweep needs num_layers >= 1, not {num_layers}")
@@ -372,11 +419,22 @@ class ConfigTemplates:
     @staticmethod
     def quick() -> ParameterSweepConfig:
         """Seed's quick check: 5 bits x 2 locations x 2 seeds = 20 configs on DistilBERT."""
-        base = ExperimentConfig(exp_name="quick", model_name="distilbert-base-uncased",
-                                dataset_name="wikitext-2-raw-v1", batch_size=4, num_samples=20, num_runs=3)
-        return ParameterSweepConfig(base, {"injection_bit": SEED_BITS_QUICK,
-                                           "injection_location": ["scores", "weights"],
-                                           "seed": SEEDS_QUICK})
+        base = ExperimentConfig(
+            exp_name="quick",
+            model_name="distilbert-base-uncased",
+            dataset_name="wikitext-2-raw-v1",
+            batch_size=4,
+            num_samples=20,
+            num_runs=3,
+        )
+        return ParameterSweepConfig(
+            base,
+            {
+                "injection_bit": SEED_BITS_QUICK,
+                "injection_location": ["scores", "weights"],
+                "seed": SEEDS_QUICK,
+            },
+        )
 
     @staticmethod
     def medium() -> ParameterSweepConfig:
@@ -402,9 +460,19 @@ class ConfigTemplates:
 
 
 def _medium_base(name: str) -> ExperimentConfig:
-    return ExperimentConfig(exp_name=name, model_name="gpt2", dataset_name="wikitext-103-raw-v1",
-                            batch_size=8, num_samples=100, num_runs=5)
+    return ExperimentConfig(
+        exp_name=name,
+        model_name="gpt2",
+        dataset_name="wikitext-103-raw-v1",
+        batch_size=8,
+        num_samples=100,
+        num_runs=5,
+    )
 
 
 def _medium_params() -> dict[str, list[Any]]:
-    return {"injection_bit": list(range(32)), "injection_location": list(LOCATIONS), "seed": SEEDS_MEDIUM}
+    return {
+        "injection_bit": list(range(32)),
+        "injection_location": list(LOCATIONS),
+        "seed": SEEDS_MEDIUM,
+    }

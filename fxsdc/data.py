@@ -5,6 +5,7 @@ a real-English fallback that every Python installation carries: the prose paragr
 standard library's docstrings. Loss and detection statistics only mean something on natural text,
 so there is no random-token fallback.
 """
+
 from __future__ import annotations
 
 import ast
@@ -64,13 +65,17 @@ def load_texts(
             return texts, f"{name}, {len(texts)} texts (local cache)"
         reason = "offline mode is set and the dataset is not in the local cache"
     elif not _hub_reachable():
-        reason = "the Hugging Face hub is unreachable; set HF_DATASETS_OFFLINE=1 to use a cached copy"
+        reason = (
+            "the Hugging Face hub is unreachable; set HF_DATASETS_OFFLINE=1 to use a cached copy"
+        )
     else:
         texts = _hub_texts(repo, config, split, max_texts)
         return texts, f"{name}, {len(texts)} texts"
     texts = list(_stdlib_paragraphs(max_texts))
-    source = (f"fallback: {len(texts)} prose paragraphs of the Python {platform.python_version()} "
-              f"standard library's docstrings ({dataset_name} not loaded: {reason})")
+    source = (
+        f"fallback: {len(texts)} prose paragraphs of the Python {platform.python_version()} "
+        f"standard library's docstrings ({dataset_name} not loaded: {reason})"
+    )
     log.warning("%s", source)
     return texts, source
 
@@ -78,7 +83,9 @@ def load_texts(
 def _hub_id(dataset_name: str, config: str | None) -> tuple[str, str | None]:
     if _WIKITEXT_RE.match(dataset_name):
         if config not in (None, dataset_name):
-            raise UserError(f"dataset {dataset_name} is already a WikiText config; drop config={config!r}")
+            raise UserError(
+                f"dataset {dataset_name} is already a WikiText config; drop config={config!r}"
+            )
         return _WIKITEXT_REPO, dataset_name
     if dataset_name == "wikitext":
         return _WIKITEXT_REPO, config
@@ -88,7 +95,9 @@ def _hub_id(dataset_name: str, config: str | None) -> tuple[str, str | None]:
 
 
 def _offline_env() -> bool:
-    return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(v, "").upper() in _TRUE for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def _hub_reachable() -> bool:
@@ -116,7 +125,9 @@ def _hub_reachable() -> bool:
     return bool(result and result[0])
 
 
-def _cached_hub_texts(repo: str, config: str | None, split: str, max_texts: int | None) -> list[str] | None:
+def _cached_hub_texts(
+    repo: str, config: str | None, split: str, max_texts: int | None
+) -> list[str] | None:
     """The dataset from the local cache, or None. Only tried when ``datasets`` itself is offline
     (its mode is read at import), since otherwise it would go to the network and retry."""
     import datasets
@@ -137,13 +148,19 @@ def _hub_texts(repo: str, config: str | None, split: str, max_texts: int | None)
         dataset = datasets.load_dataset(repo, config, split=split)
     except Exception as e:  # the hub answered but could not give this dataset/config/split
         reason = " ".join(str(e).split())
-        raise UserError(f"cannot load dataset {repo} (config {config}, split {split}): {reason}") from e
+        raise UserError(
+            f"cannot load dataset {repo} (config {config}, split {split}): {reason}"
+        ) from e
     return _dataset_texts(dataset, max_texts)
 
 
 def _dataset_texts(dataset: Any, max_texts: int | None) -> list[str]:
     """The non-empty, stripped values of the ``text`` column (or the first string column)."""
-    columns = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    columns = [
+        c
+        for c, f in dataset.features.items()
+        if getattr(f, "dtype", None) in ("string", "large_string")
+    ]
     if not columns:
         raise UserError(f"dataset has no text column (columns: {', '.join(dataset.column_names)})")
     column = "text" if "text" in columns else columns[0]
@@ -161,7 +178,9 @@ def _dataset_texts(dataset: Any, max_texts: int | None) -> list[str]:
 def _local_texts(path: Path, max_texts: int | None) -> tuple[list[str], str]:
     """Stripped non-empty lines of a file, or of a folder's .txt/.md/.rst files in sorted order."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _LOCAL_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _LOCAL_SUFFIXES
+        )
         if not files:
             raise UserError(f"{path}: folder has no {', '.join(_LOCAL_SUFFIXES)} files")
     elif path.is_file():
@@ -200,7 +219,9 @@ def _stdlib_paragraphs(max_texts: int | None) -> tuple[str, ...]:
         except (OSError, SyntaxError, ValueError):
             continue
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not isinstance(
+                node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            ):
                 continue
             for block in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
                 text = " ".join(block.split())
@@ -215,8 +236,13 @@ def _stdlib_paragraphs(max_texts: int | None) -> tuple[str, ...]:
 
 def _is_prose(text: str) -> bool:
     """A sentence-like paragraph: starts with a capital, ends with a period, mostly letters."""
-    return (len(text) >= 80 and ">>>" not in text and text[0].isupper() and text.endswith(".")
-            and sum(c.isalpha() or c == " " for c in text) >= 0.9 * len(text))
+    return (
+        len(text) >= 80
+        and ">>>" not in text
+        and text[0].isupper()
+        and text.endswith(".")
+        and sum(c.isalpha() or c == " " for c in text) >= 0.9 * len(text)
+    )
 
 
 class ByteTokenizer:
@@ -269,7 +295,11 @@ def make_batches(
     ``vocab_size``, when smaller than the tokenizer's ids, folds ids modulo it (for tiny models
     fed by a full tokenizer): the token identities blur, but the text stays real.
     """
-    for name, value in (("batch_size", batch_size), ("seq_length", seq_length), ("num_samples", num_samples)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_length", seq_length),
+        ("num_samples", num_samples),
+    ):
         if value < 1:
             raise UserError(f"{name} must be >= 1, not {value}")
     if vocab_size is not None and vocab_size < 1:
@@ -288,7 +318,12 @@ def make_batches(
     if not stream:
         raise UserError("the texts produce no tokens")
     if len(stream) < needed:
-        log.info("corpus has %d tokens; repeating it to fill %d x %d", len(stream), num_samples, seq_length)
+        log.info(
+            "corpus has %d tokens; repeating it to fill %d x %d",
+            len(stream),
+            num_samples,
+            seq_length,
+        )
         stream = stream * -(-needed // len(stream))
     ids = torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, seq_length)
     if vocab_size is not None and int(ids.max()) >= vocab_size:

@@ -9,6 +9,7 @@ Read rows through :meth:`ResultsLogger.records` rather than raw SQL: SQLite cann
 NaN (it becomes NULL, which here means "not measured"), so a NaN measurement, common after an
 exponent flip, is stored as the text ``'NaN'`` and converted back on reading.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,7 +38,9 @@ _NAN = "NaN"
 # Fields whose value may differ between two runs of the same trial without meaning the results
 # differ (timings); merge_stores ignores them when it compares duplicates.
 _UNCOMPARED = ("trial_id", "elapsed_s", "extra")
-_HINTS = {name: hint for name, hint in typing.get_type_hints(TrialRecord).items() if name in TRIAL_FIELDS}
+_HINTS = {
+    name: hint for name, hint in typing.get_type_hints(TrialRecord).items() if name in TRIAL_FIELDS
+}
 _FIELDS = {f.name: f for f in dataclasses.fields(TrialRecord)}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "kind": KINDS,
@@ -91,18 +94,25 @@ def validate_record(record: TrialRecord) -> dict[str, Any]:
             if kind is float and math.isnan(value):
                 value = _NAN
             if name in _CHOICES and value not in _CHOICES[name]:
-                raise ValueError(f"field {name}={value!r} is not one of {', '.join(_CHOICES[name])}")
+                raise ValueError(
+                    f"field {name}={value!r} is not one of {', '.join(_CHOICES[name])}"
+                )
             row[name] = value
         for name in ("trial_id", "config_id", "exp_name", "model", "dataset"):
             if not row[name]:
                 raise ValueError(f"field {name} is empty")
+        width = DTYPE_BITS[row["dtype"]]
+        if row["bit"] is not None and not 0 <= row["bit"] < width:
+            raise ValueError(f"field bit={row['bit']} is outside 0..{width - 1} for {row['dtype']}")
         if row["detected"] not in (0, 1):
             raise ValueError(f"field detected={row['detected']!r} is not 0 or 1")
         flags = _json_value("detected_by", row["detected_by"], dict)
         if any(v not in (0, 1) or isinstance(v, bool) for v in flags.values()):
             raise ValueError(f"field detected_by={row['detected_by']!r} has values other than 0/1")
         if row["detected"] != int(any(flags.values())):
-            raise ValueError(f"field detected={row['detected']} disagrees with detected_by={row['detected_by']}")
+            raise ValueError(
+                f"field detected={row['detected']} disagrees with detected_by={row['detected_by']}"
+            )
         _json_value("extra", row["extra"], dict)
         for name in ("bits", "index"):
             if row[name] is not None:
@@ -136,15 +146,20 @@ def _column_sql(name: str, sql_type: str) -> str:
         decl += " NOT NULL"
     if f.default is not dataclasses.MISSING and f.default is not None:
         default = f.default
-        decl += " DEFAULT " + ("'" + default.replace("'", "''") + "'" if isinstance(default, str) else repr(default))
+        decl += " DEFAULT " + (
+            "'" + default.replace("'", "''") + "'" if isinstance(default, str) else repr(default)
+        )
     return decl
 
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS trials (" + ", ".join(_column_sql(n, t) for n, t in TRIAL_SQL_COLUMNS) + ")",
+    "CREATE TABLE IF NOT EXISTS trials ("
+    + ", ".join(_column_sql(n, t) for n, t in TRIAL_SQL_COLUMNS)
+    + ")",
     "CREATE INDEX IF NOT EXISTS trials_config ON trials (config_id)",
-    "CREATE TABLE IF NOT EXISTS configs (config_id TEXT PRIMARY KEY, exp_name TEXT NOT NULL, config TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS configs "
+    "(config_id TEXT PRIMARY KEY, exp_name TEXT NOT NULL, config TEXT NOT NULL)",
 ]
 _INSERT = f"INSERT OR IGNORE INTO trials ({_COLUMNS}) VALUES ({', '.join('?' * len(TRIAL_FIELDS))})"
 
@@ -157,7 +172,9 @@ class ResultsLogger:
     raises UserError and leaves the file untouched.
     """
 
-    def __init__(self, path: str | os.PathLike[str], create: bool = True, readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], create: bool = True, readonly: bool = False
+    ) -> None:
         self.path = Path(path)
         if (readonly or not create) and not self.path.is_file():
             raise UserError(f"{self.path}: no such results store")
@@ -183,7 +200,10 @@ class ResultsLogger:
     def _check_or_create(self, create: bool) -> None:
         not_store = UserError(f"{self.path} is not an fxsdc results store")
         try:
-            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {
+                r[0]
+                for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
         except sqlite3.OperationalError as e:  # a directory, a missing parent, no permission
             raise UserError(f"{self.path}: cannot open results store: {e}") from e
         except sqlite3.DatabaseError as e:  # "file is not a database"
@@ -195,8 +215,10 @@ class ResultsLogger:
                 self._conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     self._conn.execute(statement)
-                self._conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
-                                       [("format", FORMAT), ("version", VERSION)])
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                    [("format", FORMAT), ("version", VERSION)],
+                )
             return
         if "meta" not in tables:
             raise not_store
@@ -204,8 +226,10 @@ class ResultsLogger:
         if meta.get("format") != FORMAT or "trials" not in tables:
             raise not_store
         if meta.get("version") != VERSION:
-            raise UserError(f"{self.path} is an fxsdc results store of version {meta.get('version')}; "
-                            f"this fxsdc reads version {VERSION}")
+            raise UserError(
+                f"{self.path} is an fxsdc results store of version {meta.get('version')}; "
+                f"this fxsdc reads version {VERSION}"
+            )
 
     def _missing_columns(self) -> list[tuple[str, str]]:
         present = {r["name"] for r in self._conn.execute("PRAGMA table_info(trials)")}
@@ -214,8 +238,10 @@ class ResultsLogger:
     def _require_columns(self) -> None:
         missing = [n for n, _ in self._missing_columns()]
         if missing:
-            raise UserError(f"{self.path}: results store lacks columns {', '.join(missing)} "
-                            "(open it writable once to add them)")
+            raise UserError(
+                f"{self.path}: results store lacks columns {', '.join(missing)} "
+                "(open it writable once to add them)"
+            )
 
     def _add_missing_columns(self) -> None:
         """Add columns that the schema gained after this store was written (with their defaults)."""
@@ -236,7 +262,7 @@ class ResultsLogger:
         return self.log_many([record]) == 1
 
     def log_many(self, records: Iterable[TrialRecord]) -> int:
-        """Store trials in one transaction; returns how many were new. All rows are validated first."""
+        """Store trials in one transaction (all validated first); returns how many were new."""
         rows = [validate_record(r) for r in records]
         before = self._conn.total_changes
         with self._conn:
@@ -248,8 +274,10 @@ class ResultsLogger:
         if isinstance(config, dict):
             config = ExperimentConfig.from_dict(config)
         with self._conn:
-            self._conn.execute("INSERT OR IGNORE INTO configs VALUES (?, ?, ?)",
-                               (config.config_id, config.exp_name, json.dumps(config.to_dict())))
+            self._conn.execute(
+                "INSERT OR IGNORE INTO configs VALUES (?, ?, ?)",
+                (config.config_id, config.exp_name, json.dumps(config.to_dict())),
+            )
         return config.config_id
 
     # -- reading ----------------------------------------------------------------------------
@@ -257,7 +285,10 @@ class ResultsLogger:
         return {r[0] for r in self._conn.execute("SELECT trial_id FROM trials")}
 
     def has(self, trial_id: str) -> bool:
-        return self._conn.execute("SELECT 1 FROM trials WHERE trial_id = ?", (trial_id,)).fetchone() is not None
+        return (
+            self._conn.execute("SELECT 1 FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
+            is not None
+        )
 
     def count(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
@@ -277,7 +308,8 @@ class ResultsLogger:
 
     # -- export -----------------------------------------------------------------------------
     def export_csv(self, path: str | os.PathLike[str]) -> int:
-        """Write every trial as CSV (header = schema fields, empty cell = null); returns the row count."""
+        """Write every trial as CSV (header: schema fields; empty cell: null); returns the count."""
+
         def write(f: typing.TextIO) -> int:
             writer = csv.writer(f)
             writer.writerow(TRIAL_FIELDS)
@@ -286,16 +318,19 @@ class ResultsLogger:
                 writer.writerow(["" if v is None else v for v in record.to_row().values()])
                 n += 1
             return n
+
         return _write_atomic(Path(path), write)
 
     def export_jsonl(self, path: str | os.PathLike[str]) -> int:
-        """Write every trial as one JSON object per line (NaN/Infinity as Python's json writes them)."""
+        """Write every trial as one JSON object per line (NaN/Infinity as Python's json writes)."""
+
         def write(f: typing.TextIO) -> int:
             n = 0
             for record in self.iter_records():
                 f.write(json.dumps(record.to_row()) + "\n")
                 n += 1
             return n
+
         return _write_atomic(Path(path), write)
 
     def close(self) -> None:
@@ -329,8 +364,8 @@ def read_export(path: str | os.PathLike[str]) -> list[TrialRecord]:
                 return [TrialRecord.from_row(json.loads(line)) for line in f if line.strip()]
             if path.suffix == ".csv":
                 return [_from_csv(row) for row in csv.DictReader(f)]
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: cannot read export: {e}") from e
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: cannot read export: {type(e).__name__}: {e}") from e
     raise UserError(f"{path}: an export ends in .csv or .jsonl")
 
 
@@ -384,7 +419,9 @@ def shard_from_env(environ: typing.Mapping[str, str] | None = None) -> tuple[int
 
 
 # -- merging --------------------------------------------------------------------------------
-def merge_stores(inputs: list[str | os.PathLike[str]], output: str | os.PathLike[str]) -> tuple[int, int]:
+def merge_stores(
+    inputs: list[str | os.PathLike[str]], output: str | os.PathLike[str]
+) -> tuple[int, int]:
     """Combine stores into a new store; returns (rows read, rows written).
 
     A trial present in several inputs is kept once. If two copies differ in anything but timings
@@ -414,16 +451,24 @@ def merge_stores(inputs: list[str | os.PathLike[str]], output: str | os.PathLike
                 conn.execute("ATTACH DATABASE ? AS src", (str(p),))
                 try:
                     clash = conn.execute(
-                        f"SELECT s.trial_id FROM src.trials s JOIN main.trials m USING (trial_id) WHERE {differs} LIMIT 1"
+                        "SELECT s.trial_id FROM src.trials s JOIN main.trials m USING (trial_id) "
+                        f"WHERE {differs} LIMIT 1"
                     ).fetchone()
                     if clash:
-                        raise UserError(f"{p}: trial {clash[0]} is already in an earlier input with different results; "
-                                        "refusing to merge")
+                        raise UserError(
+                            f"{p}: trial {clash[0]} is already in an earlier input "
+                            "with different results; "
+                            "refusing to merge"
+                        )
                     with conn:
-                        conn.execute(f"INSERT OR IGNORE INTO main.trials ({_COLUMNS}) "
-                                     f"SELECT {_COLUMNS} FROM src.trials ORDER BY rowid")
-                        conn.execute("INSERT OR IGNORE INTO main.configs (config_id, exp_name, config) "
-                                     "SELECT config_id, exp_name, config FROM src.configs ORDER BY rowid")
+                        conn.execute(
+                            f"INSERT OR IGNORE INTO main.trials ({_COLUMNS}) "
+                            f"SELECT {_COLUMNS} FROM src.trials ORDER BY rowid"
+                        )
+                        conn.execute(
+                            "INSERT OR IGNORE INTO main.configs (config_id, exp_name, config) "
+                            "SELECT config_id, exp_name, config FROM src.configs ORDER BY rowid"
+                        )
                 finally:
                     conn.execute("DETACH DATABASE src")
             n_out = out.count()

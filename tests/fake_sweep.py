@@ -1,9 +1,10 @@
-"""A fake sweep for the store's crash and shard tests: deterministic trials, resumable like the runner.
+"""A fake sweep for the store's crash and shard tests: deterministic trials, resumable.
 
 Run as ``python tests/fake_sweep.py STORE --n 200 --batch 4 --sleep 0.02 [--shard I/N]``; it skips
 trials already in STORE, logs the rest a batch (one "forward pass") at a time and prints
 ``skipped S wrote W``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from fxsdc.store import ResultsLogger, parse_shard, shard_of
 
 
 def fake_record(i: int) -> TrialRecord:
-    """Trial ``i``: every field filled with a value derived from ``i`` alone (NaN and inf included)."""
+    """Trial ``i``: every field filled with a value derived from ``i`` alone (NaN, inf included)."""
     bit = i % 32
     outcome = ("masked", "SDC", "DUE")[i % 3]
     flags = {"bounds": int(i % 5 == 0), "abft": int(i % 7 == 0)}
@@ -55,16 +56,22 @@ def fake_record(i: int) -> TrialRecord:
     )
 
 
-def run(path: str, n: int, batch: int = 4, sleep: float = 0.0, shard: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Log trials 0..n-1 (those of ``shard`` only, if given) that the store lacks; (skipped, written)."""
+def run(
+    path: str, n: int, batch: int = 4, sleep: float = 0.0, shard: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Log trials 0..n-1 (of ``shard`` only, if given) that the store lacks; (skipped, written)."""
     with ResultsLogger(path) as store:
         done = store.done_ids()
-        todo = [r for r in map(fake_record, range(n)) if shard is None or shard_of(r.trial_id, shard[1]) == shard[0]]
+        todo = [
+            r
+            for r in map(fake_record, range(n))
+            if shard is None or shard_of(r.trial_id, shard[1]) == shard[0]
+        ]
         pending = [r for r in todo if r.trial_id not in done]
         written = 0
         for start in range(0, len(pending), batch):
             time.sleep(sleep)  # stands in for a forward pass
-            written += store.log_many(pending[start:start + batch])
+            written += store.log_many(pending[start : start + batch])
     return len(todo) - len(pending), written
 
 

@@ -1,4 +1,5 @@
 """ExperimentConfig validation, ids, files; sweeps and the seed's templates."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,12 @@ from fxsdc.errors import UserError
 
 def test_defaults_are_valid_and_match_the_seed() -> None:
     c = ExperimentConfig()
-    assert (c.model_name, c.dataset_name, c.batch_size, c.seq_length) == ("gpt2", "wikitext-2-raw-v1", 4, 128)
+    assert (c.model_name, c.dataset_name, c.batch_size, c.seq_length) == (
+        "gpt2",
+        "wikitext-2-raw-v1",
+        4,
+        128,
+    )
     assert (c.injection_bit, c.injection_location) == (30, "scores")
     assert c.active_checks == ["bounds"]
 
@@ -38,7 +44,9 @@ def test_defaults_are_valid_and_match_the_seed() -> None:
         ({"checks": [], "bounds_check": True}, []),
     ],
 )
-def test_active_checks_follow_seed_fields_unless_checks_given(kwargs: dict, expected: list[str]) -> None:
+def test_active_checks_follow_seed_fields_unless_checks_given(
+    kwargs: dict, expected: list[str]
+) -> None:
     assert ExperimentConfig(**kwargs).active_checks == expected
 
 
@@ -108,8 +116,13 @@ def test_out_of_range_is_a_user_error_naming_field_and_allowed_values(
 
 def test_accepted_edge_values() -> None:
     assert ExperimentConfig(dtype="bfloat16", injection_bit=15).injection_bit == 15
-    assert ExperimentConfig(device="cuda:1", model_name="any/name-the-registry-checks").device == "cuda:1"
-    c = ExperimentConfig(fault_model="multibit", bits=[0, 31], trials_per_pass=4, checks=list(CHECKS))
+    assert (
+        ExperimentConfig(device="cuda:1", model_name="any/name-the-registry-checks").device
+        == "cuda:1"
+    )
+    c = ExperimentConfig(
+        fault_model="multibit", bits=[0, 31], trials_per_pass=4, checks=list(CHECKS)
+    )
     assert c.bits == [0, 31]
 
 
@@ -124,13 +137,34 @@ def test_config_id_is_stable_and_normalised() -> None:
 
 def test_every_field_changes_the_id() -> None:
     changed = {
-        "exp_name": "x", "seed": 1, "model_name": "opt", "dataset_name": "d", "dataset_config": "c",
-        "dataset_split": "train", "batch_size": 8, "seq_length": 64, "num_samples": 2, "num_runs": 2,
-        "injection_enabled": False, "injection_location": "q", "injection_layers": [0],
-        "injection_idx": (0, 0, 0, 0), "injection_bit": 1, "bounds_check": False, "bound_type": "comb",
-        "tolerance": 0.1, "checks": ["abft"], "reference": "baseline", "dtype": "float32",
-        "device": "cuda", "compile": True, "fault_model": "multibit", "bits": [1, 2], "ber": 0.5,
-        "tiny": True, "trials_per_pass": 2,
+        "exp_name": "x",
+        "seed": 1,
+        "model_name": "opt",
+        "dataset_name": "d",
+        "dataset_config": "c",
+        "dataset_split": "train",
+        "batch_size": 8,
+        "seq_length": 64,
+        "num_samples": 2,
+        "num_runs": 2,
+        "injection_enabled": False,
+        "injection_location": "q",
+        "injection_layers": [0],
+        "injection_idx": (0, 0, 0, 0),
+        "injection_bit": 1,
+        "bounds_check": False,
+        "bound_type": "comb",
+        "tolerance": 0.1,
+        "checks": ["abft"],
+        "reference": "baseline",
+        "dtype": "float32",
+        "device": "cuda",
+        "compile": True,
+        "fault_model": "multibit",
+        "bits": [1, 2],
+        "ber": 0.5,
+        "tiny": True,
+        "trials_per_pass": 2,
     }
     assert set(changed) == set(ExperimentConfig.FIELDS)
     base = ExperimentConfig(dtype="float16", injection_bit=3)
@@ -143,9 +177,17 @@ def test_every_field_changes_the_id() -> None:
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
 def test_file_round_trip_is_exact(tmp_path: Path, suffix: str) -> None:
-    c = ExperimentConfig(exp_name="rt", injection_idx=(1, 2, 3, 4), injection_layers=[0, 5], tolerance=1e-7,
-                         fault_model="probabilistic", ber=2.5e-9, checks=["softmax", "abft"], dtype="bfloat16",
-                         injection_bit=14)
+    c = ExperimentConfig(
+        exp_name="rt",
+        injection_idx=(1, 2, 3, 4),
+        injection_layers=[0, 5],
+        tolerance=1e-7,
+        fault_model="probabilistic",
+        ber=2.5e-9,
+        checks=["softmax", "abft"],
+        dtype="bfloat16",
+        injection_bit=14,
+    )
     path = tmp_path / f"c{suffix}"
     c.save(path)
     loaded = ExperimentConfig.load(path)
@@ -173,7 +215,9 @@ def test_hand_written_yaml_exponent_is_a_float(tmp_path: Path) -> None:
         ("binary.json", b"\xff\xfe\x00", "cannot read config"),
     ],
 )
-def test_malformed_file_is_a_one_line_user_error_with_path(tmp_path: Path, name: str, text, reason: str) -> None:
+def test_malformed_file_is_a_one_line_user_error_with_path(
+    tmp_path: Path, name: str, text, reason: str
+) -> None:
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(UserError) as info:
@@ -189,13 +233,21 @@ def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
 
 _valid_configs = st.builds(
     lambda dtype, bit, loc, layers, idx, tol, checks, seed: ExperimentConfig(
-        dtype=dtype, injection_bit=bit % DTYPE_BITS[dtype], injection_location=loc, injection_layers=layers,
-        injection_idx=idx, tolerance=tol, checks=checks, seed=seed),
+        dtype=dtype,
+        injection_bit=bit % DTYPE_BITS[dtype],
+        injection_location=loc,
+        injection_layers=layers,
+        injection_idx=idx,
+        tolerance=tol,
+        checks=checks,
+        seed=seed,
+    ),
     st.sampled_from(list(DTYPE_BITS)),
     st.integers(0, 31),
     st.sampled_from(LOCATIONS),
     st.none() | st.lists(st.integers(0, 47), min_size=1, max_size=4, unique=True),
-    st.none() | st.tuples(st.integers(0, 3), st.integers(0, 15), st.integers(0, 511), st.integers(0, 511)),
+    st.none()
+    | st.tuples(st.integers(0, 3), st.integers(0, 15), st.integers(0, 511), st.integers(0, 511)),
     st.none() | st.floats(min_value=1e-30, max_value=1e3),
     st.none() | st.lists(st.sampled_from(CHECKS), unique=True),
     st.integers(0, 2**32),
@@ -214,7 +266,14 @@ def test_sweep_order_names_and_len() -> None:
     sweep = ParameterSweepConfig(base, {"seed": [1, 2], "injection_bit": [3, 4, 5]})
     configs = sweep.generate_configs()
     assert len(sweep) == len(configs) == 6
-    assert [(c.seed, c.injection_bit) for c in configs] == [(1, 3), (1, 4), (1, 5), (2, 3), (2, 4), (2, 5)]
+    assert [(c.seed, c.injection_bit) for c in configs] == [
+        (1, 3),
+        (1, 4),
+        (1, 5),
+        (2, 3),
+        (2, 4),
+        (2, 5),
+    ]
     assert configs[0].exp_name == "s-seed=1-injection_bit=3"
     assert len({c.config_id for c in configs}) == 6
     assert [c.config_id for c in configs] == [c.config_id for c in sweep.generate_configs()]
@@ -222,7 +281,9 @@ def test_sweep_order_names_and_len() -> None:
 
 
 def test_sweep_list_values_get_compact_names() -> None:
-    configs = ParameterSweepConfig(ExperimentConfig(exp_name="l"), {"injection_layers": [[0], [1, 2]]}).generate_configs()
+    configs = ParameterSweepConfig(
+        ExperimentConfig(exp_name="l"), {"injection_layers": [[0], [1, 2]]}
+    ).generate_configs()
     assert [c.exp_name for c in configs] == ["l-injection_layers=[0]", "l-injection_layers=[1,2]"]
 
 
@@ -241,8 +302,12 @@ def test_invalid_sweep_is_a_user_error(params: dict, match: str) -> None:
 
 
 def test_invalid_sweep_point_names_the_point() -> None:
-    sweep = ParameterSweepConfig(ExperimentConfig(dtype="float16", injection_bit=0), {"injection_bit": [15, 16]})
-    with pytest.raises(UserError, match="sweep point injection_bit=16: config field injection_bit=16"):
+    sweep = ParameterSweepConfig(
+        ExperimentConfig(dtype="float16", injection_bit=0), {"injection_bit": [15, 16]}
+    )
+    with pytest.raises(
+        UserError, match="sweep point injection_bit=16: config field injection_bit=16"
+    ):
         sweep.generate_configs()
 
 
@@ -252,19 +317,25 @@ def test_seed_templates_sizes_and_contents() -> None:
     assert {c.injection_bit for c in quick} == {0, 7, 15, 23, 31}
     assert {c.injection_location for c in quick} == {"scores", "weights"}
     assert {c.seed for c in quick} == {42, 123}
-    assert {(c.model_name, c.dataset_name, c.batch_size, c.num_samples, c.num_runs) for c in quick} == {
-        ("distilbert-base-uncased", "wikitext-2-raw-v1", 4, 20, 3)}
+    assert {
+        (c.model_name, c.dataset_name, c.batch_size, c.num_samples, c.num_runs) for c in quick
+    } == {("distilbert-base-uncased", "wikitext-2-raw-v1", 4, 20, 3)}
 
     medium = ConfigTemplates.medium().generate_configs()
     assert len(medium) == 768
     assert {c.injection_location for c in medium} == set(LOCATIONS)
     assert {c.seed for c in medium} == {42, 123, 456, 789}
-    assert {(c.model_name, c.dataset_name, c.batch_size, c.num_samples, c.num_runs) for c in medium} == {
-        ("gpt2", "wikitext-103-raw-v1", 8, 100, 5)}
+    assert {
+        (c.model_name, c.dataset_name, c.batch_size, c.num_samples, c.num_runs) for c in medium
+    } == {("gpt2", "wikitext-103-raw-v1", 8, 100, 5)}
 
     large = ConfigTemplates.large()
     assert len(large) == 4608
-    assert large.sweep_params["model_name"] == ["gpt2", "distilbert-base-uncased", "facebook/opt-125m"]
+    assert large.sweep_params["model_name"] == [
+        "gpt2",
+        "distilbert-base-uncased",
+        "facebook/opt-125m",
+    ]
     assert large.sweep_params["dataset_name"] == ["wikitext-103-raw-v1", "wikitext-2-raw-v1"]
 
 
@@ -273,14 +344,29 @@ def test_simple_templates() -> None:
     assert [c.injection_bit for c in bits] == list(range(32))
     assert {c.injection_location for c in bits} == {"weights"}
     assert len(ConfigTemplates.bit_sweep(ExperimentConfig(dtype="bfloat16", injection_bit=3))) == 16
-    assert [c.injection_location for c in ConfigTemplates.location_sweep().generate_configs()] == list(LOCATIONS)
-    assert [c.injection_layers for c in ConfigTemplates.layer_sweep(3).generate_configs()] == [[0], [1], [2]]
+    assert [
+        c.injection_location for c in ConfigTemplates.location_sweep().generate_configs()
+    ] == list(LOCATIONS)
+    assert [c.injection_layers for c in ConfigTemplates.layer_sweep(3).generate_configs()] == [
+        [0],
+        [1],
+        [2],
+    ]
     assert len(ConfigTemplates.layer_sweep()) == 12
 
 
 def test_template_lookup() -> None:
-    assert ConfigTemplates.names() == ["bit_sweep", "location_sweep", "layer_sweep", "quick", "medium", "large"]
+    assert ConfigTemplates.names() == [
+        "bit_sweep",
+        "location_sweep",
+        "layer_sweep",
+        "quick",
+        "medium",
+        "large",
+    ]
     for name in ConfigTemplates.names():
         assert isinstance(ConfigTemplates.get(name), ParameterSweepConfig)
-    with pytest.raises(UserError, match="unknown template 'huge'; templates are: bit_sweep, .*large"):
+    with pytest.raises(
+        UserError, match="unknown template 'huge'; templates are: bit_sweep, .*large"
+    ):
         ConfigTemplates.get("huge")

@@ -1,4 +1,5 @@
 """Text loading (hub, offline fallback, local files), the byte tokenizer and batching."""
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,9 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fake_hub(monkeypatch: pytest.MonkeyPatch, result: object) -> list[tuple]:
-    """Route datasets.load_dataset to ``result`` (a Dataset, or an exception to raise); returns the calls."""
+    """Route datasets.load_dataset to ``result`` (a Dataset, or an exception to raise).
+
+    Returns the list of calls it receives."""
     import datasets
 
     calls: list[tuple] = []
@@ -42,11 +45,17 @@ def _fake_hub(monkeypatch: pytest.MonkeyPatch, result: object) -> list[tuple]:
     return calls
 
 
-def test_offline_fallback_is_real_text_and_says_so(offline: None, caplog: pytest.LogCaptureFixture) -> None:
+def test_offline_fallback_is_real_text_and_says_so(
+    offline: None, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="fxsdc.data"):
         texts, source = load_texts("wikitext-2-raw-v1", max_texts=200)
     assert len(texts) == 200
-    assert source.startswith("fallback:") and "wikitext-2-raw-v1 not loaded" in source and "\n" not in source
+    assert (
+        source.startswith("fallback:")
+        and "wikitext-2-raw-v1 not loaded" in source
+        and "\n" not in source
+    )
     assert [r.getMessage() for r in caplog.records] == [source]
     words = " ".join(texts).lower().split()
     assert len(words) > 5000
@@ -78,7 +87,9 @@ def test_unreachable_hub_fails_fast() -> None:
 def test_hub_dataset_ids_and_text_column(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    table = datasets.Dataset.from_dict({"id": [1, 2, 3, 4], "text": [" = Title = \n", "", "  \n", "Body text.\n"]})
+    table = datasets.Dataset.from_dict(
+        {"id": [1, 2, 3, 4], "text": [" = Title = \n", "", "  \n", "Body text.\n"]}
+    )
     calls = _fake_hub(monkeypatch, table)
     texts, source = load_texts("wikitext-103-raw-v1", split="validation")
     assert texts == ["= Title =", "Body text."]
@@ -99,9 +110,17 @@ def test_first_string_column_is_used_without_a_text_column(monkeypatch: pytest.M
 
 
 def test_unloadable_dataset_when_online_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_hub(monkeypatch, FileNotFoundError("Dataset 'nope/nothing' doesn't exist on the Hub\nor cannot be accessed."))
-    with pytest.raises(UserError, match=r"cannot load dataset nope/nothing \(config None, split test\): "
-                                        r"Dataset 'nope/nothing' doesn't exist on the Hub or cannot") as info:
+    _fake_hub(
+        monkeypatch,
+        FileNotFoundError(
+            "Dataset 'nope/nothing' doesn't exist on the Hub\nor cannot be accessed."
+        ),
+    )
+    with pytest.raises(
+        UserError,
+        match=r"cannot load dataset nope/nothing \(config None, split test\): "
+        r"Dataset 'nope/nothing' doesn't exist on the Hub or cannot",
+    ) as info:
         load_texts("nope/nothing")
     assert "\n" not in str(info.value)
 
@@ -132,7 +151,9 @@ def test_local_file_and_folder(tmp_path: Path) -> None:
     ("content", "match"),
     [(None, "no such file or folder"), ("\n \n", "no text"), (b"\xff\xfe\xfa", "cannot read text")],
 )
-def test_bad_local_path_is_a_user_error(tmp_path: Path, content: str | bytes | None, match: str) -> None:
+def test_bad_local_path_is_a_user_error(
+    tmp_path: Path, content: str | bytes | None, match: str
+) -> None:
     path = tmp_path / "corpus.txt"
     if content is not None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -201,8 +222,14 @@ def test_short_corpus_repeats_and_vocab_folds() -> None:
     ],
 )
 def test_bad_batch_arguments(kwargs: dict, match: str) -> None:
-    args = {"texts": ["Some text."], "tokenizer": ByteTokenizer(), "batch_size": 2, "seq_length": 4,
-            "num_samples": 2, **kwargs}
+    args = {
+        "texts": ["Some text."],
+        "tokenizer": ByteTokenizer(),
+        "batch_size": 2,
+        "seq_length": 4,
+        "num_samples": 2,
+        **kwargs,
+    }
     with pytest.raises(UserError, match=match):
         make_batches(**args)
 
@@ -218,4 +245,6 @@ def test_batches_with_a_real_hugging_face_tokenizer(offline: None) -> None:
     first = tokenizer.decode(batches[0]["input_ids"][0])
     assert re.sub(r"\s+", "", first.lower()).startswith(re.sub(r"\s+", "", texts[0].lower())[:40])
     ids = torch.cat([b["input_ids"] for b in batches])
-    assert int(ids.max()) < tokenizer.vocab_size and tokenizer.sep_token_id in ids.flatten().tolist()
+    assert (
+        int(ids.max()) < tokenizer.vocab_size and tokenizer.sep_token_id in ids.flatten().tolist()
+    )

@@ -1,4 +1,5 @@
 """ResultsLogger: validation, exports, crash resume with a real SIGKILL, shards and merging."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,10 @@ def test_new_store_has_schema_and_meta(tmp_path: Path) -> None:
     with ResultsLogger(path) as store:
         assert store.count() == 0 and store.done_ids() == set()
     conn = sqlite3.connect(path)
-    assert dict(conn.execute("SELECT key, value FROM meta")) == {"format": "fxsdc-results", "version": "1"}
+    assert dict(conn.execute("SELECT key, value FROM meta")) == {
+        "format": "fxsdc-results",
+        "version": "1",
+    }
     columns = [r[1] for r in conn.execute("PRAGMA table_info(trials)")]
     assert tuple(columns) == TRIAL_FIELDS
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -59,7 +63,9 @@ def test_log_stores_each_trial_once_and_round_trips(tmp_path: Path) -> None:
         back = store.records()
     assert same(back, records)
     due = next(r for r in back if r.outcome == "DUE")
-    assert math.isnan(due.value_after) and due.injected_loss == math.inf  # NaN is not turned into NULL
+    assert (
+        math.isnan(due.value_after) and due.injected_loss == math.inf
+    )  # NaN is not turned into NULL
 
 
 def test_bool_and_int_values_are_normalised(tmp_path: Path) -> None:
@@ -87,6 +93,8 @@ def test_bool_and_int_values_are_normalised(tmp_path: Path) -> None:
         ({"layer": 1.5}, "layer=1.5 is not int"),
         ({"clean_loss": "3.2"}, "clean_loss='3.2' is not float"),
         ({"epsilon": True}, "epsilon=True is not float"),
+        ({"bit": 32}, "bit=32 is outside 0..31 for float32"),
+        ({"dtype": "bfloat16", "bit": 16}, "bit=16 is outside 0..15 for bfloat16"),
         ({"detected": 2}, "detected=2 is not 0 or 1"),
         ({"detected": 1, "detected_by": '{"abft": 0}'}, "disagrees with detected_by"),
         ({"detected_by": "{bounds: 1}"}, "detected_by="),
@@ -96,7 +104,9 @@ def test_bool_and_int_values_are_normalised(tmp_path: Path) -> None:
         ({"index": "(0, 1)"}, "index="),
     ],
 )
-def test_malformed_row_raises_and_writes_nothing(tmp_path: Path, change: dict, message: str) -> None:
+def test_malformed_row_raises_and_writes_nothing(
+    tmp_path: Path, change: dict, message: str
+) -> None:
     good = fake_record(0)
     bad = dataclasses.replace(fake_record(1), **change)
     with ResultsLogger(tmp_path / "r.db") as store:
@@ -110,7 +120,9 @@ def test_malformed_row_raises_and_writes_nothing(tmp_path: Path, change: dict, m
 
 def test_export_round_trip(tmp_path: Path) -> None:
     records = [fake_record(i) for i in range(30)]
-    records[4] = dataclasses.replace(records[4], fault_model=None, location=None, bit=None, bits=None, index=None)
+    records[4] = dataclasses.replace(
+        records[4], fault_model=None, location=None, bit=None, bits=None, index=None
+    )
     with ResultsLogger(tmp_path / "r.db") as store:
         store.log_many(records)
         assert store.export_csv(tmp_path / "r.csv") == 30
@@ -122,6 +134,9 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(UserError, match="ends in .csv or .jsonl"):
         read_export(tmp_path / "r.db")
+    (tmp_path / "bad.csv").write_text("trial_id,seed\nx,1\n")
+    with pytest.raises(UserError, match="bad.csv: cannot read export: KeyError"):
+        read_export(tmp_path / "bad.csv")
 
 
 def test_configs_are_saved_by_id(tmp_path: Path) -> None:
@@ -215,7 +230,17 @@ def _count_rows(path: Path) -> int:
 def test_sigkill_mid_sweep_then_resume(tmp_path: Path) -> None:
     path = tmp_path / "sweep.db"
     n, batch = 200, 4
-    command = [sys.executable, str(FAKE_SWEEP), str(path), "--n", str(n), "--batch", str(batch), "--sleep", "0.02"]
+    command = [
+        sys.executable,
+        str(FAKE_SWEEP),
+        str(path),
+        "--n",
+        str(n),
+        "--batch",
+        str(batch),
+        "--sleep",
+        "0.02",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while _count_rows(path) < 40:
@@ -253,7 +278,10 @@ def test_two_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
     with ResultsLogger(shards[0]) as a, ResultsLogger(shards[1]) as b:
         assert not a.done_ids() & b.done_ids()
     assert merge_stores(shards, tmp_path / "merged.db") == (n, n)
-    with ResultsLogger(tmp_path / "merged.db", create=False) as merged, ResultsLogger(tmp_path / "all.db") as whole:
+    with (
+        ResultsLogger(tmp_path / "merged.db", create=False) as merged,
+        ResultsLogger(tmp_path / "all.db") as whole,
+    ):
         key = lambda r: r.trial_id  # noqa: E731
         assert same(sorted(merged.records(), key=key), sorted(whole.records(), key=key))
     assert not list(tmp_path.glob("*.partial*"))
@@ -279,10 +307,14 @@ def test_merge_refuses_conflicting_duplicates_and_leaves_no_output(tmp_path: Pat
     a, b = tmp_path / "a.db", tmp_path / "b.db"
     with ResultsLogger(a) as store:
         store.log_many(fake_record(i) for i in range(10))
-    changed = dataclasses.replace(fake_record(3), outcome="SDC" if fake_record(3).outcome != "SDC" else "masked")
+    changed = dataclasses.replace(
+        fake_record(3), outcome="SDC" if fake_record(3).outcome != "SDC" else "masked"
+    )
     with ResultsLogger(b) as store:
         store.log(changed)
-    with pytest.raises(UserError, match=f"trial {changed.trial_id} is already in an earlier input with different"):
+    with pytest.raises(
+        UserError, match=f"trial {changed.trial_id} is already in an earlier input with different"
+    ):
         merge_stores([a, b], tmp_path / "m.db")
     assert not list(tmp_path.glob("m.db*"))
 
@@ -308,7 +340,9 @@ def test_shard_of_is_stable_and_balanced() -> None:
         shard_of("abc", 0)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("0/1", (0, 1)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2))])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0/1", (0, 1)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2))]
+)
 def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
     assert parse_shard(text) == expected
 
