@@ -1,0 +1,509 @@
+"""Runtime consistency checks called by the check nodes that the graph passes insert.
+
+Every check is pure tensor code: no ``.item()``, no host copies, no Python branch on tensor
+values, no data-dependent shapes, so it runs inside a ``torch.compile(fullgraph=True)`` graph.
+Python branches below depend only on dtypes and static shapes.
+
+**Score convention (all checks).** Each check returns a per-row score tensor ``score >= 0`` and a
+row is flagged iff ``score > 1``: ``score = violation / tolerance``, ``+inf`` for a row holding a
+NaN/Inf, ``0`` for a row that cannot be checked (fewer than two valid keys, say). The lead can
+accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
+
+**Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype:
+
+- its own rounding (u = 2^-53) is then negligible next to the model's (2^-8 for bfloat16, 2^-24
+  for float32), so each tolerance is the model's error plus a sliver, which is the most
+  sensitive detector the error analysis allows; with float32 checks the check's own rounding
+  would roughly double the tolerance of float32 models;
+- checksums of |A||B| cannot overflow (float32 sums of m values near 1e36 can);
+- float64 matmuls never use TF32 or bf16 shortcuts, whatever ``set_float32_matmul_precision``
+  says, so the bound on the check's own error holds on any backend;
+- the extra work is O(row length) per row, memory-bound and fused by ``torch.compile``; data
+  centre GPUs run float64 at half or full float32 rate. Eagerly the upcast copies are
+  materialised (8 bytes per element of the checked tensors).
+
+**Tolerances** start from Higham's bound (*Accuracy and Stability of Numerical Algorithms*, 2nd
+ed., Lemma 3.1 and eq. 3.4): a computed dot product satisfies
+``|fl(x.y) - x.y| <= gamma_k |x|.|y|`` with ``gamma_k = k u / (1 - k u)``, for *any* summation
+order (so BLAS blocking, split-K and ``torch.compile`` reordering are covered), and a product of
+k factors ``(1 + d_i)^(+-1)`` with ``|d_i| <= u`` lies in ``[1 - gamma_k, 1 + gamma_k]``
+(Lemma 3.1). Rounding a value v to a format with unit roundoff u (round to nearest) errs by at
+most ``u |v|`` and also by at most ``u |fl(v)|`` (Higham eq. 2.5). Underflow adds an absolute
+error: we charge each rounding that can underflow the format's smallest *normal* number (as if
+the hardware flushed subnormals to zero), except conversions to the 16-bit output formats,
+which keep subnormals on CPUs and GPUs and err by at most half the smallest subnormal.
+
+Stated constants (not tuned):
+
+- ``_ACC_FACTOR = 2``: GEMM accumulators may truncate instead of rounding to nearest (NVIDIA
+  tensor cores do: Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor
+  cores", PeerJ Comput. Sci. 2021); truncation errs by < 1 ulp = 2u. So a GEMM's accumulation
+  unit roundoff is ``2 u_fp32`` for 16/32-bit GEMMs (they accumulate in float32) and
+  ``2 u_fp64`` for float64.
+- ``_EXP_ULPS_U = 4``: ``exp`` is accurate to 2 ulp in CUDA's ``expf`` (CUDA C++ Programming
+  Guide, "Mathematical Functions") and Triton's ``ex2.approx``-based exp; 2 ulp <= 4u. glibc's
+  exp is better than 1 ulp.
+- ``_EXP_ARG_U = 3``: the exponent argument ``(a_j - max) * log2(e)`` takes one rounding for the
+  subtraction, one for the product and one for the constant log2(e): an absolute argument error
+  of at most ``3 u |a_j - max|``, i.e. a relative error ``e^(3u|t|) - 1`` of the exponential.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fxsdc.utils import top2
+
+CHECK_DTYPE = torch.float64
+_ACC_FACTOR = 2.0
+_EXP_ULPS_U = 4
+_EXP_ARG_U = 3
+# Tail cut in the softmax error model (_exp_arg_factor): keys more than _T0 below the max weigh
+# at most e^-_T0 each; any cut >= 1 is valid, 64 makes the tail term ~1e-26 per key.
+_T0 = 64.0
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for a p-bit significand: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32, 2^-53 fp64."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(k: int, u: float) -> float:
+    """Higham's gamma_k = k u / (1 - k u); +inf once k u >= 1 (no bound, so no flag)."""
+    ku = k * u
+    return ku / (1.0 - ku) if ku < 1.0 else math.inf
+
+
+U_CHECK = unit_roundoff(CHECK_DTYPE)
+_TINY_CHECK = torch.finfo(CHECK_DTYPE).tiny
+
+
+def _slack(n_ops: int) -> float:
+    """Inflate a tolerance that was itself evaluated in CHECK_DTYPE from non-negative terms.
+
+    A sum/product chain of ``n_ops`` roundings of non-negative terms is at least ``(1 - gamma)``
+    times its exact value, and the final ``violation / tolerance`` and the subtraction inside the
+    violation add three more roundings: dividing by ``1 - gamma_{n_ops + 3}`` keeps the computed
+    score <= 1 whenever the exact violation is within the exact bound.
+    """
+    return 1.0 / (1.0 - gamma(n_ops + 3, U_CHECK))
+
+
+def _out_eta(dtype: torch.dtype) -> float:
+    """Absolute error of one rounding to ``dtype`` near underflow (see module docstring)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2  # half a subnormal
+    return torch.finfo(dtype).tiny
+
+
+def default_accum_u(out_dtype: torch.dtype) -> float:
+    """Accumulation unit roundoff of a GEMM producing ``out_dtype`` with IEEE fp32/fp64 inputs."""
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    return _ACC_FACTOR * unit_roundoff(acc)
+
+
+def gemm_unit_roundoff(dtype: torch.dtype, device_type: str = "cpu") -> float:
+    """Host-side: the ``accum_u`` to pass to the ABFT checks for GEMMs run with the current flags.
+
+    Call it when building the graph (it reads torch's global matmul settings, which a compiled
+    graph must not). float32 GEMMs under ``set_float32_matmul_precision("high"/"medium")`` (or the
+    backend ``fp32_precision`` knobs, or legacy ``allow_tf32``) round their inputs to TF32 or
+    bf16 (by truncation at worst, relative error < 2 u_in each, so a product errs by
+    < 4 u_in + 4 u_in^2 <= gamma_1(4 u_in)): ``accum_u = 4 u_in`` bounds that and the float32
+    accumulation together. bf16/fp16 GEMMs on CUDA with
+    ``allow_{bf16,fp16}_reduced_precision_reduction`` (PyTorch's default: True) may round split-K
+    partial sums to the 16-bit output type, so their accumulation is charged at the output's u
+    (x2 for truncation): correct but loose; turn those flags off for sensitive ABFT.
+    """
+    if dtype == torch.float32:
+        backend = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
+        knob = getattr(backend, "fp32_precision", "none")
+        if knob == "none":
+            try:
+                knob = {"high": "tf32", "medium": "bf16"}.get(torch.get_float32_matmul_precision(), "ieee")
+            except RuntimeError:  # legacy and new precision APIs mixed: assume the coarsest
+                knob = "bf16"
+        if device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and knob == "ieee":
+            knob = "tf32"
+        if knob == "tf32":
+            return 4 * 2.0**-11
+        if knob == "bf16":
+            return 4 * unit_roundoff(torch.bfloat16)
+    if device_type == "cuda" and (
+        (dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+        or (dtype == torch.float16 and torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+    ):
+        return _ACC_FACTOR * unit_roundoff(dtype)
+    return default_accum_u(dtype)
+
+
+def _finish(violation: torch.Tensor, tol: torch.Tensor, nonfinite: torch.Tensor,
+            checkable: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the score convention: violation/tol, 0 where not checkable, +inf where non-finite."""
+    score = violation / tol
+    zero = torch.zeros((), dtype=score.dtype, device=score.device)
+    if checkable is not None:
+        score = torch.where(checkable, score, zero)
+    # A NaN score in a checkable finite row (inf/inf: a tolerance that overflowed) is reported,
+    # not hidden: it becomes +inf like a non-finite row.
+    return torch.where(nonfinite | torch.isnan(score), torch.full_like(score, math.inf), score)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax: error model of a computed softmax row
+# --------------------------------------------------------------------------------------------
+#
+# Let the exact weights be w_j = e^{-t_j} / s, t_j = a* - a_j >= 0, s = sum_j e^{-t_j} >= 1, over
+# L keys (masked keys give exact zeros and add nothing). torch computes softmax for 16/32-bit
+# outputs in float32 (u_i = 2^-24; float64 for float64 outputs), eagerly in two passes or, under
+# inductor, online (running max, rescaling the running sum by exp(m_old - m_new) at each step),
+# then rounds to the output dtype (u_w). Per key, the numerator exp(t_j) carries the argument
+# error e^{+-3 u_i t_j} and exp + division (reciprocal and product) errors, 6 factors. The
+# denominator: every term passes through at most L rescale/add steps of 6 factors (exp 4, product,
+# sum) plus its own exp: s_hat/s in [(1 - g)(1 - x6), (1 + g)(1 + x6)], g = gamma_{6L+4}(u_i),
+# where x6 bounds sum_j w_j (e^{6 u_i t_j} - 1) (argument errors of the term's own exp and of the
+# rescales after it, which telescope to at most t_j) - see _exp_arg_factor. Hence
+#     w_hat_j = w_j * rho_j + eta,    rho_j in [lo * e^{-3 u_i t_j}, hi * e^{3 u_i t_j}],
+#     hi = (1 + gamma_6)(1 + u_w) / ((1 - g)(1 - x6)),  lo = (1 - gamma_6)(1 - u_w) / ((1 + g)(1 + x6)),
+# and |eta| <= eta_w = half a subnormal of the output + 2 smallest normals of u_i's format
+# (flush-to-zero of exp and of the division).
+
+
+def _softmax_u(weights_dtype: torch.dtype) -> tuple[float, float]:
+    """(u_i, u_w): unit roundoff of the softmax's internal arithmetic and of its output."""
+    internal = torch.float64 if weights_dtype == torch.float64 else torch.float32
+    return unit_roundoff(internal), unit_roundoff(weights_dtype)
+
+
+def _softmax_eta(weights_dtype: torch.dtype) -> float:
+    internal = torch.float64 if weights_dtype == torch.float64 else torch.float32
+    return _out_eta(weights_dtype) + 2 * torch.finfo(internal).tiny
+
+
+def _exp_arg_factor(c: float, length: int) -> float:
+    """Bound on sum_j w_j (e^{c t_j} - 1) for exact softmax weights over ``length`` keys.
+
+    Split at t = _T0. Keys with t_j <= _T0: e^{ct} - 1 <= c t e^{c _T0}, and sum_j w_j t_j = eps
+    (the softmax deviation) <= W((n-1)/e) <= ln(n) <= ln(length) (DESIGN section 3). Keys with
+    t_j > _T0: w_j <= e^{-t_j} (s >= 1), so w_j (e^{ct_j} - 1) <= c t e^{-(1-c)t}, decreasing for
+    t > 1/(1-c), hence <= c _T0 e^{-(1-c)_T0} each. No logits needed, so the bound also serves
+    the sum check, which may run without them. The lower side, sum_j w_j (1 - e^{-ct_j}) <= c eps,
+    is smaller.
+    """
+    return c * (math.exp(c * _T0) * math.log(max(length, 1))
+                + length * _T0 * math.exp(-(1.0 - c) * _T0))
+
+
+def _softmax_hi_lo(weights_dtype: torch.dtype, length: int) -> tuple[float, float, float]:
+    """(hi, lo, u_i) of the softmax error model above for rows of ``length`` keys."""
+    u_i, u_w = _softmax_u(weights_dtype)
+    x6 = _exp_arg_factor(2 * _EXP_ARG_U * u_i, length)
+    g = gamma(6 * length + _EXP_ULPS_U, u_i)
+    g6 = gamma(2 + _EXP_ULPS_U, u_i)
+    hi = (1 + g6) * (1 + u_w) / ((1 - g) * (1 - x6))
+    lo = (1 - g6) * (1 - u_w) / ((1 + g) * (1 + x6))
+    return hi, lo, u_i
+
+
+def softmax_sum_tolerances(weights_dtype: torch.dtype, length: int) -> tuple[float, float]:
+    """(tol_sum, tol_range) for ``softmax_sum_score``: Python floats, fixed by dtype and length.
+
+    tol_sum:   |sum_j w_hat_j - 1| <= max(hi (1 + x3) - 1, 1 - lo (1 - x3)) + L eta_w, because
+               sum_j w_j rho_j <= hi sum_j w_j e^{3 u_i t_j} <= hi (1 + x3) (x3 = _exp_arg_factor
+               with c = 3 u_i), plus the check's float64 sum: gamma_{L+1}(u_c) (1 + tol).
+    tol_range: w_hat_j <= hi + eta_w since w_j e^{3 u_i t_j} <= 1 (t_j = 0: w_j <= 1;
+               t_j > 0: w_j <= e^{-t_j}); and w_hat_j >= 0 always (exp >= 0, rounding monotone).
+    """
+    hi, lo, u_i = _softmax_hi_lo(weights_dtype, length)
+    x3 = _exp_arg_factor(_EXP_ARG_U * u_i, length)
+    eta = _softmax_eta(weights_dtype)
+    model = max(hi * (1 + x3) - 1, 1 - lo * (1 - x3)) + length * eta
+    tol_sum = (model + gamma(length + 1, U_CHECK) * (1 + model) + _TINY_CHECK) * _slack(length + 4)
+    tol_range = (hi - 1 + eta + _TINY_CHECK) * _slack(4)
+    return tol_sum, tol_range
+
+
+def _valid_keys(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Valid (unmasked) keys: ``mask`` True and logits above finfo(dtype).min / 2.
+
+    That threshold catches -inf, ``torch.where(mask, x, finfo.min)`` and additive finfo.min masks
+    (x + finfo.min stays below min/2 for any |x| < max/2). NaN compares False, so NaN logits count
+    as masked here; the callers flag them as non-finite separately.
+    """
+    valid = logits > torch.finfo(logits.dtype).min / 2
+    if mask is not None:
+        valid = valid & mask.to(torch.bool)
+    return valid
+
+
+def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row score that softmax ``weights`` (keys on the last dim) sum to 1 and lie in [0, 1].
+
+    ``weights``: the tensor downstream ops consume, in the dtype the softmax produced (its dtype
+    sets u_w: a float64 copy of bf16 weights would be judged at float64 precision - pass the
+    original). Masked weights must be ~0: they are included in the sum, so a non-zero masked
+    weight shows up as excess mass, and a negative one also breaks the range test.
+    ``logits``/``mask`` (optional, see ``_valid_keys``): rows with no valid key (fully masked, e.g.
+    padded queries under finfo.min masks, where softmax returns uniform weights) are not checked.
+    Score = max(|sum - 1| / tol_sum, max_j max(-w_j, w_j - 1, 0) / tol_range) with the
+    tolerances of ``softmax_sum_tolerances``; +inf if any weight in the row is NaN/Inf.
+    Assumes the softmax saw its logits exactly in its internal precision (true unless float64
+    logits feed a lower-precision softmax).
+    """
+    length = weights.shape[-1]
+    tol_sum, tol_range = softmax_sum_tolerances(weights.dtype, length)
+    w = weights.to(CHECK_DTYPE)
+    sum_violation = (w.sum(-1) - 1).abs()
+    range_violation = torch.maximum(-w, w - 1).clamp(min=0).amax(-1)
+    score = torch.maximum(sum_violation / tol_sum, range_violation / tol_range)
+    nonfinite = ~torch.isfinite(w).all(-1)
+    checkable = None
+    if logits is not None:
+        checkable = _valid_keys(logits, mask).any(-1)
+    elif mask is not None:
+        checkable = mask.to(torch.bool).expand_as(w).any(-1)
+    one = torch.ones((), dtype=CHECK_DTYPE, device=w.device)
+    return _finish(score, one, nonfinite, checkable)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax: bounds on the deviation eps (s@w path)
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-row quantities of DESIGN section 3, in float64, masked keys excluded.
+
+    Returns a dict of tensors shaped like ``logits.shape[:-1]``:
+    ``n`` (valid keys), ``a_star`` = max_V a, ``gamma`` = a* - second max_V a (margin),
+    ``w_star`` = max_V w, ``epsilon`` = a* - sum_V w_j a_j, ``lower1`` = gamma / (1 + e^gamma),
+    ``middle`` = gamma (1 - w*), ``upper1`` = a* - mean_V a, ``upper2`` = tau(gamma, n),
+    ``w_n`` = W((n-1)/e), ``a_min`` = min_V a, ``m1`` = sum_V |w_j a_j|, ``m0`` = sum_V |a_j|,
+    ``checkable`` (n >= 2 and finite) and ``nonfinite`` (a NaN or +Inf logit anywhere in the row,
+    or a NaN/Inf weight anywhere). Values in rows that are not checkable are unspecified.
+    ``w_table``: ``bounds.lambertw_table(n_max)`` with ``n_max >= logits.shape[-1]`` (any float
+    dtype, on the logits' device; float64 keeps it exact).
+    """
+    length = logits.shape[-1]
+    if w_table.shape[0] < length + 1:
+        raise ValueError(f"w_table has {w_table.shape[0]} entries; rows of {length} keys need "
+                         f"lambertw_table({length}) or larger")
+    if logits.dtype == torch.float64 and weights.dtype != torch.float64:
+        raise ValueError("float64 logits with lower-precision weights: the softmax rounded its "
+                         "input first, which this error model does not cover; pass the logits "
+                         "the softmax actually read")
+    valid = _valid_keys(logits, mask)
+    a = logits.to(CHECK_DTYPE)
+    w = weights.to(CHECK_DTYPE)
+    zero = torch.zeros((), dtype=CHECK_DTYPE, device=a.device)
+    n = valid.sum(-1)
+    top, _ = top2(a, dim=-1, mask=valid)
+    a_star = top[..., 0]
+    gam = a_star - top[..., 1]
+    a_v = torch.where(valid, a, zero)
+    w_v = torch.where(valid, w, zero)
+    nf = n.to(CHECK_DTYPE)
+    epsilon = a_star - (w_v * a_v).sum(-1)
+    w_star = w_v.amax(-1)
+    w_n = w_table.to(CHECK_DTYPE)[n]
+    e = torch.exp(-gam)
+    tail = (nf - 1) * gam * e / (1 + (nf - 1) * e)
+    nonfinite = (torch.isnan(a) | torch.isposinf(a)).any(-1) | ~torch.isfinite(w).all(-1)
+    return {
+        "n": n,
+        "a_star": a_star,
+        "gamma": gam,
+        "w_star": w_star,
+        "epsilon": epsilon,
+        "lower1": gam / (1 + torch.exp(gam)),
+        "middle": gam * (1 - w_star),
+        "upper1": a_star - a_v.sum(-1) / nf.clamp(min=1),
+        "upper2": torch.where(gam < 1 + w_n, w_n, tail),
+        "w_n": w_n,
+        "a_min": torch.where(valid, a, torch.full((), math.inf, dtype=CHECK_DTYPE,
+                                                   device=a.device)).amin(-1),
+        "m1": (w_v * a_v).abs().sum(-1),
+        "m0": a_v.abs().sum(-1),
+        "checkable": (n >= 2) & ~nonfinite,
+        "nonfinite": nonfinite,
+    }
+
+
+def softmax_bounds_tolerance(stats: dict[str, torch.Tensor], weights_dtype: torch.dtype,
+                             length: int) -> torch.Tensor:
+    """Per-row absolute tolerance on ``lower <= eps <= upper`` for computed softmax weights.
+
+    From the error model above, with R = a* - min_V a known per row:
+      theta = max(hi e^{3 u_i R} - 1, 1 - lo e^{-3 u_i R}),  theta' = theta / (1 - theta):
+      |w_hat_j - w_j| <= theta w_j + eta_w <= theta' w_hat_j + (1 + theta') eta_w.
+    E_eps = theta' M1 + (1 + theta') eta_w M0     (eps = a* - sum_V w_j a_j moves by
+            sum_V |w_hat_j - w_j| |a_j|: this is where the logits' magnitude enters,
+            M1 = sum_V |w_hat_j a_j|, M0 = sum_V |a_j|)
+    E_mid = gamma (theta' w_hat* + (1 + theta') eta_w)   (middle = gamma (1 - w*) reads w_hat*)
+    E_chk = gamma_{L+16}(u_c) (2|a*| + M1 + M0 + 2 gamma + |middle| + W_n) + 2 u_c gamma W_n
+            (float64 evaluation of eps (gamma_{L+1}), of a* - mean (gamma_{L+2}), of
+            gamma/(1+e^gamma) (gamma_8, |f'| <= 1), of gamma(1 - w*) (gamma_3), and of tau: its
+            log-derivative in gamma is within [-1, 1] (d ln tau/d gamma = 1/gamma - 1 +
+            (n-1)e^-g/(1+(n-1)e^-g)) so a rounded gamma moves it by <= u_c gamma tau, plus
+            gamma_16 for exp, the table entry and the five operations; mis-branching at
+            gamma = 1 + W is harmless because tau is continuous there.)
+    tol = (E_eps + E_mid + E_chk) * slack: one tolerance for both sides (each side's error is
+    at most the sum).
+    """
+    hi, lo, u_i = _softmax_hi_lo(weights_dtype, length)
+    eta = _softmax_eta(weights_dtype)
+    big_r = (stats["a_star"] - stats["a_min"]).clamp(min=0)
+    theta = torch.maximum(hi * torch.exp(_EXP_ARG_U * u_i * big_r) - 1,
+                          1 - lo * torch.exp(-_EXP_ARG_U * u_i * big_r))
+    theta_p = torch.where(theta < 1, theta / (1 - theta), torch.full_like(theta, math.inf))
+    gam = stats["gamma"]
+    e_eps = theta_p * stats["m1"] + (1 + theta_p) * eta * stats["m0"]
+    e_mid = gam * (theta_p * stats["w_star"].abs() + (1 + theta_p) * eta)
+    e_chk = (gamma(length + 16, U_CHECK)
+             * (2 * stats["a_star"].abs() + stats["m1"] + stats["m0"] + 2 * gam
+                + stats["middle"].abs() + stats["w_n"])
+             + 2 * U_CHECK * gam * stats["w_n"])
+    return (e_eps + e_mid + e_chk + _TINY_CHECK) * _slack(length + 32)
+
+
+def softmax_bounds_score(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row score of ``max(lower1, middle) <= eps <= min(upper1, tau)`` (DESIGN section 3).
+
+    ``logits``: the tensor that entered softmax (scaled, masked), keys on the last dim;
+    ``weights``: the softmax output as consumed downstream (same shape, its own dtype);
+    ``w_table``: ``bounds.lambertw_table(n)`` with n >= logits.shape[-1], kept as a buffer on
+    the logits' device; ``mask`` (optional, True = valid) on top of the finfo.min/-inf rule.
+    eps = a* - sum_V w_j a_j is the seed's "s@w" deviation. Score = max(lower - eps,
+    eps - upper, 0) / tol (``softmax_bounds_tolerance``); 0 for rows with n < 2; +inf for rows
+    with NaN/+Inf logits or NaN/Inf weights.
+    """
+    stats = softmax_row_stats(logits, weights, w_table, mask)
+    tol = softmax_bounds_tolerance(stats, weights.dtype, logits.shape[-1])
+    lower = torch.maximum(stats["lower1"], stats["middle"])
+    upper = torch.minimum(stats["upper1"], stats["upper2"])
+    eps = stats["epsilon"]
+    violation = torch.maximum(lower - eps, eps - upper).clamp(min=0)
+    return _finish(violation, tol, stats["nonfinite"], stats["checkable"])
+
+
+# --------------------------------------------------------------------------------------------
+# ABFT checksums
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+                          accum_u: float | None = None) -> torch.Tensor:
+    """Row-checksum ABFT for ``c = a @ b`` (batched on leading dims, broadcasting like matmul).
+
+    Compares C.1 (row sums of the consumed ``c``) with A.(B.1); returns a score of shape
+    ``c.shape[:-1]``. Row checksums only: a fault in one element of C moves exactly its row's
+    sum, the score is then per row like every other check, and the row sum has m = d (or n)
+    terms, usually fewer than a column sum's n; column checksums would cost a second pass and
+    give per-column information the score convention cannot carry.
+
+    ``accum_u``: unit roundoff of the GEMM's accumulation (``gemm_unit_roundoff`` reads the
+    flags; default ``default_accum_u(c.dtype)``: fp32 accumulation for 16/32-bit, x2 for
+    truncating accumulators).
+
+    Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|:
+      GEMM:    |c_ij - (AB)_ij| <= gamma_k(accum_u) (|A||B|)_ij + u_out |c_ij| + k tiny_acc + eta_out
+               (accumulation for any order, then rounding to c's dtype, bounded by the rounded
+               value), summed over j: gamma_k(accum_u) Q_i + u_out S_i + m (k tiny_acc + eta_out);
+      check:   float64 row sum of c: gamma_m(u_c) S_i; A.(B.1): B.1 costs gamma_m, the dot gamma_k,
+               together <= gamma_{m+k}(u_c) Q_i (Higham Lemma 3.3);
+      tol_i  = (sum of the above + tiny) * slack.
+    Inputs are the stored operands the GEMM read, so they carry no error of their own.
+    """
+    k = a.shape[-1]
+    m = b.shape[-1]
+    u_acc = default_accum_u(c.dtype) if accum_u is None else accum_u
+    u_out = unit_roundoff(c.dtype)
+    tiny_acc = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).tiny
+    a64, b64, c64 = a.to(CHECK_DTYPE), b.to(CHECK_DTYPE), c.to(CHECK_DTYPE)
+    lhs = c64.sum(-1)
+    rhs = torch.matmul(a64, b64.sum(-1, keepdim=True)).squeeze(-1)
+    s_abs = c64.abs().sum(-1)
+    q_abs = torch.matmul(a64.abs(), b64.abs().sum(-1, keepdim=True)).squeeze(-1)
+    absolute = m * (k * tiny_acc + _out_eta(c.dtype)) + _TINY_CHECK
+    tol = ((gamma(k, u_acc) + gamma(m + k, U_CHECK)) * q_abs
+           + (u_out + gamma(m, U_CHECK)) * s_abs + absolute) * _slack(m + k + 4)
+    nonfinite = ~(torch.isfinite(lhs) & torch.isfinite(rhs))
+    return _finish((lhs - rhs).abs(), tol, nonfinite)
+
+
+def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.Tensor,
+                          w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None = None,
+                          b_abs_sum: torch.Tensor | None = None, *, group_size: int,
+                          scale: float | None = None,
+                          accum_u: float | None = None) -> torch.Tensor:
+    """ABFT for ``y = scale * (x @ W + b)`` checked through per-group sums of y.
+
+    ``x[..., K]``: the layer input, in the dtype the layer ran in (sets u_out, the rounding of
+    y); ``y_groups[..., G]``: for each group g (head) the sum of that group's ``group_size``
+    output columns of the y that downstream ops consume. Sum it after upcasting
+    (``q_heads.to(torch.float64).sum(-1)``): its dtype is taken as the precision of that sum,
+    and a bf16 sum costs gamma_{group_size}(2^-8). ``w_sum[K, G]``/``w_abs_sum[K, G]``: W's (or
+    |W|'s) columns summed per group, once, in float64, with W as ``[K, N]`` (``linear.weight.T``);
+    ``b_sum[G]``/``b_abs_sum[G]``: the same for the bias (None: no bias). ``scale``: a constant
+    the model multiplies y by before the heads are split (OPT's ``q_proj(x) * scaling``); None
+    for no multiplication. Returns a score of shape ``y_groups.shape`` (one per token and head).
+
+    Tolerance, with Q_g = sum_l |x_l| w_abs_sum[l, g] + b_abs_sum[g] (= sum over the group of
+    |x||W| + |b|) and r roundings to x's dtype (GEMM result, bias add, the scale's rounding to
+    fp32 and the product: r = 1 + [bias] + 2 [scale]):
+      per column:  |y_c - s(xW + b)_c| <= |s| rho (P_c + |b_c|),
+                   rho = gamma_{K+1}(accum_u) + gamma_r(u_out) (1 + gamma_{K+1}(accum_u));
+      group sum by the caller in y_groups' dtype: gamma_gs(u_yg) (1 + rho) |s| Q_g;
+      prediction s (x . w_sum + b_sum) in float64 (w_sum exact to u_c): gamma_{K+gs+3}(u_c) |s| Q_g;
+      underflow: gs max(1, |s|) ((K+1) tiny_acc + r eta_out + tiny_yg);
+      tol = (|s| (rho + gamma_gs(u_yg)(1 + rho) + gamma_{K+gs+3}(u_c)) Q_g + underflow) * slack.
+    """
+    k_in = x.shape[-1]
+    has_bias = b_sum is not None
+    u_acc = default_accum_u(x.dtype) if accum_u is None else accum_u
+    tiny_acc = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).tiny
+    u_out = unit_roundoff(x.dtype)
+    u_yg = unit_roundoff(y_groups.dtype)
+    s = 1.0 if scale is None else float(scale)
+    r = 1 + int(has_bias) + (2 if scale is not None else 0)
+    g_acc = gamma(k_in + 1, u_acc)
+    rho = g_acc + gamma(r, u_out) * (1 + g_acc)
+    rel = abs(s) * (rho + gamma(group_size, u_yg) * (1 + rho) + gamma(k_in + group_size + 3, U_CHECK))
+    absolute = group_size * max(1.0, abs(s)) * (
+        (k_in + 1) * tiny_acc + r * _out_eta(x.dtype) + torch.finfo(y_groups.dtype).tiny) + _TINY_CHECK
+
+    x64 = x.to(CHECK_DTYPE)
+    pred = torch.matmul(x64, w_sum.to(CHECK_DTYPE))
+    q_abs = torch.matmul(x64.abs(), w_abs_sum.to(CHECK_DTYPE))
+    if has_bias:
+        pred = pred + b_sum.to(CHECK_DTYPE)
+        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
+    pred = pred * s
+    yg = y_groups.to(CHECK_DTYPE)
+    tol = (rel * q_abs + absolute) * _slack(k_in + group_size + 8)
+    nonfinite = ~(torch.isfinite(yg) & torch.isfinite(pred))
+    return _finish((yg - pred).abs(), tol, nonfinite)
+
+
+def linear_group_sums(weight: torch.Tensor, bias: torch.Tensor | None,
+                      groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                            torch.Tensor | None]:
+    """Host-side precomputation for ``linear_checksum_score`` from an ``nn.Linear``'s parameters.
+
+    ``weight[N, K]`` (nn.Linear layout; pass ``conv1d.weight.T`` for GPT-2's Conv1D), ``bias[N]``,
+    N split into ``groups`` contiguous groups. Returns float64 ``(w_sum[K, G], w_abs_sum[K, G],
+    b_sum[G], b_abs_sum[G])`` (bias entries None without bias); register them as buffers.
+    """
+    n_out, k_in = weight.shape
+    if n_out % groups:
+        raise ValueError(f"{n_out} output columns do not split into {groups} groups")
+    w = weight.detach().to(torch.float64).reshape(groups, n_out // groups, k_in)
+    w_sum, w_abs_sum = w.sum(1).T.contiguous(), w.abs().sum(1).T.contiguous()
+    if bias is None:
+        return w_sum, w_abs_sum, None, None
+    b = bias.detach().to(torch.float64).reshape(groups, n_out // groups)
+    return w_sum, w_abs_sum, b.sum(1), b.abs().sum(1)

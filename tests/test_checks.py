@@ -1,0 +1,314 @@
+"""Runtime checks: zero flags on clean inputs (property tests), detection of bit-30 flips, compile."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxsdc import checks
+from fxsdc.bounds import lambertw_table
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def flip_bit(t: torch.Tensor, index: tuple[int, ...], bit: int) -> torch.Tensor:
+    """Copy of ``t`` with one bit of one element flipped (float32 -> int32, 16-bit -> int16 view)."""
+    int_dtype = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+                 torch.float64: torch.int64}[t.dtype]
+    out = t.clone()
+    bits = out.view(int_dtype)
+    bits[index] = bits[index] ^ torch.tensor(1 << bit, dtype=torch.int64).to(int_dtype)
+    return out
+
+
+# ------------------------------------------------------------------ clean softmax rows
+
+
+def make_logits(kind: str, rows: int, length: int, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """float64 logits within [-50, 50]: random, or adversarial rows that make the bounds tight."""
+    if kind == "normal":
+        x = torch.randn(rows, length, generator=gen, dtype=torch.float64) * scale
+    elif kind == "uniform":
+        x = (torch.rand(rows, length, generator=gen, dtype=torch.float64) * 2 - 1) * scale
+    elif kind == "tau_tight":  # one max, the rest equal at a* - gamma: eps = tau (and = middle)
+        w_n = lambertw_table(length)[length].item()
+        gam = 1 + w_n + torch.rand(rows, 1, generator=gen, dtype=torch.float64) * scale / 10
+        x = (scale - gam).expand(rows, length).clone()
+        x[:, 0] = scale
+    elif kind == "ties":  # all equal, or two equal maxima far above the rest
+        x = torch.full((rows, length), float(scale), dtype=torch.float64)
+        x[1::2, 2:] = -scale
+    else:  # "outlier": one huge logit, the rest spread
+        x = torch.randn(rows, length, generator=gen, dtype=torch.float64)
+        x[:, length // 2] = scale
+    return x.clamp(-50, 50)
+
+
+def apply_mask(x: torch.Tensor, how: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask the way models do; returns (masked logits, valid mask). Every row keeps >= 1 key."""
+    rows, length = x.shape
+    if how == "none":
+        return x, torch.ones_like(x, dtype=torch.bool)
+    if how == "causal":  # query i of the last `rows` positions sees keys <= length - rows + i
+        valid = torch.ones(rows, length, dtype=torch.bool).tril(diagonal=length - rows)
+    else:  # padding: a random number of trailing keys masked
+        keep = torch.randint(1, length + 1, (rows, 1), generator=gen)
+        valid = torch.arange(length).expand(rows, length) < keep
+    low = torch.finfo(x.dtype).min
+    if how == "additive":  # BERT-style: x + (1 - mask) * finfo.min
+        return x + (~valid).to(x.dtype) * low, valid
+    if how == "neginf":
+        return x.masked_fill(~valid, -math.inf), valid
+    return torch.where(valid, x, torch.full((), low, dtype=x.dtype)), valid
+
+
+softmax_cases = st.fixed_dictionaries({
+    "dtype": st.sampled_from(DTYPES),
+    "rows": st.integers(1, 6),
+    "length": st.integers(1, 96),
+    "scale": st.sampled_from([0.01, 1.0, 5.0, 20.0, 50.0]),
+    "kind": st.sampled_from(["normal", "uniform", "tau_tight", "ties", "outlier"]),
+    "mask": st.sampled_from(["none", "causal", "padding", "additive", "neginf"]),
+    "upcast": st.booleans(),  # Llama: softmax(x, dtype=float32).to(dtype)
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+@SETTINGS
+@given(case=softmax_cases)
+def test_softmax_checks_clean_rows_never_flag(case: dict) -> None:
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype = case["dtype"]
+    rows = max(case["rows"], 2) if case["mask"] == "causal" else case["rows"]
+    length = max(case["length"], rows)
+    x = make_logits(case["kind"], rows, length, case["scale"], gen).to(dtype)
+    logits, valid = apply_mask(x, case["mask"], gen)
+    if case["upcast"] and dtype != torch.float64:
+        weights = torch.softmax(logits, -1, dtype=torch.float32).to(dtype)
+    else:
+        weights = torch.softmax(logits, -1)
+    table = lambertw_table(length)
+    bounds = checks.softmax_bounds_score(logits, weights, table)
+    sums = checks.softmax_sum_score(weights, logits)
+    assert bounds.shape == sums.shape == (rows,)
+    assert torch.isfinite(bounds).all() and torch.isfinite(sums).all()
+    assert bounds.max() <= 1, f"bounds score {bounds.max().item()} on clean rows ({case})"
+    assert sums.max() <= 1, f"sum score {sums.max().item()} on clean rows ({case})"
+    assert (bounds[valid.sum(-1) < 2] == 0).all()  # n < 2: not checkable
+    # the same rows with only an explicit mask give the same verdict
+    assert (checks.softmax_bounds_score(logits, weights, table, valid) <= 1).all()
+
+
+def test_softmax_nonfinite_and_uncheckable_rows() -> None:
+    x = torch.randn(4, 8)
+    x[1, 3] = math.nan
+    x[2, 1:] = -math.inf  # n = 1: not checkable
+    x[3, :] = torch.finfo(torch.float32).min  # fully masked (uniform weights): not checkable
+    w = torch.softmax(x, -1)
+    bounds = checks.softmax_bounds_score(x, w, lambertw_table(8))
+    sums = checks.softmax_sum_score(w, x)
+    assert bounds[0] <= 1 and bounds[2] == 0 and bounds[3] == 0 and bounds[1] == math.inf
+    assert sums[0] <= 1 and sums[1] == math.inf and sums[2] <= 1 and sums[3] == 0
+    with pytest.raises(ValueError, match="lambertw_table"):
+        checks.softmax_bounds_score(x, w, lambertw_table(4))
+
+
+# ------------------------------------------------------------------ clean matmuls
+
+SCALES = {
+    torch.float64: [1e-150, 1e-20, 1.0, 1e20, 1e150],
+    torch.float32: [1e-20, 1e-3, 1.0, 1e3, 1e15],
+    torch.bfloat16: [1e-20, 1e-3, 1.0, 1e3, 1e15],
+    torch.float16: [1e-3, 0.1, 1.0, 8.0],
+}
+
+
+def make_operand(shape: tuple[int, ...], dist: str, scale: float, gen: torch.Generator) -> torch.Tensor:
+    if dist == "normal":
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    elif dist == "positive":  # no cancellation: the bound is nearly attained in sign
+        x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    else:  # "spread": magnitudes over 6 decades, random signs, some exact zeros
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).sign() * 10 ** (
+            6 * torch.rand(shape, generator=gen, dtype=torch.float64) - 3)
+        x = x * (torch.rand(shape, generator=gen) > 0.1)
+    return x * scale
+
+
+matmul_cases = st.fixed_dictionaries({
+    "dtype": st.sampled_from(DTYPES),
+    "batch": st.sampled_from([(), (2,), (2, 3)]),
+    "broadcast_b": st.booleans(),
+    "n": st.integers(1, 12), "k": st.integers(1, 80), "m": st.integers(1, 24),
+    "dist": st.sampled_from(["normal", "positive", "spread"]),
+    "sa": st.integers(0, 4), "sb": st.integers(0, 4),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+@SETTINGS
+@given(case=matmul_cases)
+def test_matmul_checksum_clean_never_flags(case: dict) -> None:
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype = case["dtype"]
+    scales = SCALES[dtype]
+    sa, sb = scales[case["sa"] % len(scales)], scales[case["sb"] % len(scales)]
+    if dtype == torch.float16:  # keep |A||B| k below fp16's max (65504)
+        sb = min(sb, 8.0 / sa / case["k"])
+    batch = case["batch"]
+    a = make_operand(batch + (case["n"], case["k"]), case["dist"], sa, gen).to(dtype)
+    b_batch = batch[1:] if case["broadcast_b"] else batch
+    b = make_operand(b_batch + (case["k"], case["m"]), case["dist"], sb, gen).to(dtype)
+    c = torch.matmul(a, b)
+    assert torch.isfinite(c).all()
+    score = checks.matmul_checksum_score(a, b, c)
+    assert score.shape == c.shape[:-1]
+    assert score.max() <= 1, f"matmul score {score.max().item()} on a clean product ({case})"
+
+
+# ------------------------------------------------------------------ clean linear layers
+
+linear_cases = st.fixed_dictionaries({
+    "dtype": st.sampled_from(DTYPES),
+    "tokens": st.integers(1, 6), "k": st.integers(1, 64),
+    "groups": st.integers(1, 4), "group_size": st.integers(1, 16),
+    "bias": st.booleans(),
+    "scale": st.sampled_from([None, 0.125, 1 / math.sqrt(48), -3.0]),
+    "sum_in_model_dtype": st.booleans(),
+    "x_scale": st.sampled_from([1e-3, 1.0, 30.0]),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+def linear_case(case: dict, gen: torch.Generator):
+    dtype = case["dtype"]
+    n_out = case["groups"] * case["group_size"]
+    x = (torch.randn(2, case["tokens"], case["k"], generator=gen, dtype=torch.float64)
+         * case["x_scale"]).to(dtype)
+    weight = (torch.randn(n_out, case["k"], generator=gen, dtype=torch.float64)
+              / math.sqrt(case["k"])).to(dtype)
+    bias = torch.randn(n_out, generator=gen, dtype=torch.float64).to(dtype) if case["bias"] else None
+    y = F.linear(x, weight, bias)
+    if case["scale"] is not None:
+        y = y * case["scale"]
+    return x, weight, bias, y
+
+
+def group_sums(y: torch.Tensor, groups: int, in_model_dtype: bool) -> torch.Tensor:
+    heads = y.reshape(*y.shape[:-1], groups, -1)
+    return heads.sum(-1) if in_model_dtype else heads.to(torch.float64).sum(-1)
+
+
+@SETTINGS
+@given(case=linear_cases)
+def test_linear_checksum_clean_never_flags(case: dict) -> None:
+    gen = torch.Generator().manual_seed(case["seed"])
+    x, weight, bias, y = linear_case(case, gen)
+    w_sum, w_abs, b_sum, b_abs = checks.linear_group_sums(weight, bias, case["groups"])
+    y_groups = group_sums(y, case["groups"], case["sum_in_model_dtype"])
+    score = checks.linear_checksum_score(x, y_groups, w_sum, w_abs, b_sum, b_abs,
+                                         group_size=case["group_size"], scale=case["scale"])
+    assert score.shape == y_groups.shape
+    assert score.max() <= 1, f"linear score {score.max().item()} on a clean layer ({case})"
+
+
+# ------------------------------------------------------------------ detection
+
+DRAWS = 200
+
+
+def detection_fraction(draw, bit: int, dtype: torch.dtype = torch.float32) -> float:
+    """Fraction of DRAWS random single-bit faults whose row is flagged; draw(gen, bit, dtype) -> bool."""
+    gen = torch.Generator().manual_seed(1234 + bit)
+    return sum(draw(gen, bit, dtype) for _ in range(DRAWS)) / DRAWS
+
+
+def softmax_fault(check: str):
+    def draw(gen: torch.Generator, bit: int, dtype: torch.dtype) -> bool:
+        length = 64
+        x = (torch.randn(8, length, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        logits, valid = apply_mask(x, "causal", gen)
+        w = torch.softmax(logits, -1)
+        row = int(torch.randint(0, 8, (1,), generator=gen))
+        col = int(torch.randint(0, int(valid[row].sum()), (1,), generator=gen))  # a valid key
+        bad = flip_bit(w, (row, col), bit)
+        if check == "sum":
+            score = checks.softmax_sum_score(bad, logits)
+        else:
+            score = checks.softmax_bounds_score(logits, bad, lambertw_table(length))
+        return bool(score[row] > 1)
+    return draw
+
+
+def matmul_fault(gen: torch.Generator, bit: int, dtype: torch.dtype) -> bool:
+    a = torch.randn(2, 16, 64, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(2, 64, 32, generator=gen, dtype=torch.float64).to(dtype)
+    c = torch.matmul(a, b)
+    idx = tuple(int(torch.randint(0, s, (1,), generator=gen)) for s in c.shape)
+    return bool(checks.matmul_checksum_score(a, b, flip_bit(c, idx, bit))[idx[:-1]] > 1)
+
+
+def linear_fault(gen: torch.Generator, bit: int, dtype: torch.dtype) -> bool:
+    case = {"dtype": dtype, "tokens": 8, "k": 64, "groups": 4, "group_size": 16, "bias": True,
+            "scale": 0.125, "x_scale": 1.0}
+    x, weight, bias, y = linear_case(case, gen)
+    idx = tuple(int(torch.randint(0, s, (1,), generator=gen)) for s in y.shape)
+    y_groups = group_sums(flip_bit(y, idx, bit), 4, in_model_dtype=False)
+    score = checks.linear_checksum_score(x, y_groups, *checks.linear_group_sums(weight, bias, 4),
+                                         group_size=16, scale=0.125)
+    return bool(score[idx[0], idx[1], idx[2] // 16] > 1)
+
+
+DETECTORS = {"softmax_sum": softmax_fault("sum"), "softmax_bounds": softmax_fault("bounds"),
+             "matmul": matmul_fault, "linear": linear_fault}
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_bit30_flips_are_detected(name: str) -> None:
+    frac = detection_fraction(DETECTORS[name], bit=30)
+    low = detection_fraction(DETECTORS[name], bit=0)
+    bf16 = detection_fraction(DETECTORS[name], bit=14, dtype=torch.bfloat16)
+    print(f"{name}: fp32 bit30 {frac:.3f}, fp32 bit0 {low:.3f}, bf16 bit14 {bf16:.3f}")
+    assert frac >= 0.95, f"{name}: bit-30 detection {frac:.3f} over {DRAWS} draws"
+    # Flipping the lowest mantissa bit changes a value by one ulp, inside rounding noise.
+    assert low <= 0.5, f"{name}: bit-0 flips flagged in {low:.3f} of {DRAWS} draws"
+
+
+# ------------------------------------------------------------------ torch.compile
+
+
+def all_checks(logits, weights, table, a, b, c, x, y_groups, w_sum, w_abs, b_sum, b_abs):
+    return (checks.softmax_bounds_score(logits, weights, table),
+            checks.softmax_sum_score(weights, logits),
+            checks.matmul_checksum_score(a, b, c),
+            checks.linear_checksum_score(x, y_groups, w_sum, w_abs, b_sum, b_abs,
+                                         group_size=4, scale=0.125))
+
+
+def test_checks_compile_fullgraph_and_match_eager() -> None:
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    logits, _ = apply_mask(torch.randn(6, 8, generator=gen), "causal", gen)
+    weights = flip_bit(torch.softmax(logits, -1), (2, 0), 30)
+    a, b = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    c = flip_bit(a @ b, (1, 2, 3), 30)
+    case = {"dtype": torch.float32, "tokens": 3, "k": 8, "groups": 2, "group_size": 4,
+            "bias": True, "scale": 0.125, "x_scale": 1.0}
+    x, weight, bias, y = linear_case(case, gen)
+    y_groups = group_sums(flip_bit(y, (0, 1, 5), 30), 2, in_model_dtype=False)
+    args = (logits, weights, lambertw_table(8), a, b, c, x, y_groups,
+            *checks.linear_group_sums(weight, bias, 2))
+    eager = all_checks(*args)
+    compiled = torch.compile(all_checks, fullgraph=True)(*args)
+    for e, k in zip(eager, compiled):
+        assert torch.equal(e > 1, k > 1)
+        finite = torch.isfinite(e)
+        assert torch.equal(finite, torch.isfinite(k))
+        torch.testing.assert_close(e[finite], k[finite])
+    flagged = [int((e > 1).sum()) for e in eager]
+    assert flagged[0] >= 1 and flagged[1] >= 1 and flagged[2] == 1 and flagged[3] == 1
