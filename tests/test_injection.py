@@ -1,0 +1,169 @@
+"""Injection nodes: off means bitwise identical, on means exactly the asked bits of the asked
+element, for every model family, location and dtype."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fxsdc.bits import flip_value, parse_dtype
+from fxsdc.faults import Fault, FaultInjector, InjectionConfig, InjectionLocation
+from fxsdc.instrument import compare_outputs, instrument
+from fxsdc.errors import UserError
+from passes.match_attention import LOCATIONS
+
+from .conftest import tiny_instrumented
+from .helpers import node_values, per_sample
+
+
+def test_faults_off_is_bitwise_identical(tiny_model):
+    x = tiny_model.example
+    with torch.no_grad():
+        equal, diff = compare_outputs(tiny_model.original(**x), tiny_model(**x))
+    assert equal and diff == 0.0
+
+
+def _random_fault(result, location, layer, bit, seed):
+    batch, seq = result.example["input_ids"].shape
+    gen = torch.Generator().manual_seed(seed)
+    fault = result.faults.random_fault(layer, location, (bit,), seed % batch, seq, gen)
+    return fault, result.faults.site(layer, location)
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_flip_lands_exactly_where_asked(tiny_model, location):
+    x = tiny_model.example
+    for seed, bit in [(0, 30), (1, 31), (2, 3)]:
+        fault, site = _random_fault(tiny_model, location, 1, bit, seed)
+        clean = node_values(tiny_model.gm, x, {site.inject_node})[site.inject_node]
+        tiny_model.faults.set_faults([fault], *x["input_ids"].shape)
+        hit = node_values(tiny_model.gm, x, {site.inject_node})[site.inject_node]
+        record = tiny_model.faults.applied()[0]
+        tiny_model.faults.clear()
+
+        clean_s, hit_s = per_sample(clean, site.sample_shape), per_sample(hit, site.sample_shape)
+        before = clean_s[fault.index].item()
+        assert record["before"] == before
+        assert record["after"] == flip_value(before, [bit], torch.float32)
+        assert hit_s[fault.index].item() == record["after"] or math.isnan(record["after"])
+        changed = (clean_s.view(torch.int32) != hit_s.view(torch.int32)).nonzero().tolist()
+        assert changed == [list(fault.index)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_flip_in_each_dtype(dtype):
+    result = instrument("gpt2", tiny=True, dtype=parse_dtype(dtype), locations=["scores", "v"])
+    x = result.example
+    width = 32 if dtype == "float32" else 16
+    for location, bit in [("scores", width - 2), ("v", width - 1), ("scores", 2)]:
+        fault, site = _random_fault(result, location, 0, bit, bit)
+        clean = node_values(result.gm, x, {site.inject_node})[site.inject_node]
+        result.faults.set_faults([fault], *x["input_ids"].shape)
+        hit = node_values(result.gm, x, {site.inject_node})[site.inject_node]
+        record = result.faults.applied()[0]
+        result.faults.clear()
+        before = clean[fault.index]
+        assert hit.dtype == parse_dtype(dtype)
+        int_dtype = torch.int32 if width == 32 else torch.int16
+        xor = int(before.view(int_dtype)) ^ int(hit[fault.index].view(int_dtype))
+        assert xor & ((1 << width) - 1) == 1 << bit
+        assert record["before"] == float(before)
+
+
+def test_bit_out_of_range_for_dtype_is_refused():
+    result = tiny_instrumented("gpt2")
+    with pytest.raises(UserError, match="out of range"):
+        result.faults.validate(Fault(0, "scores", (0, 0, 0, 0), (32,)), 3, 13)
+
+
+@pytest.mark.parametrize("index", [(3, 0, 0, 0), (0, 4, 0, 0), (0, 0, 13, 0), (0, 0, 0, 13),
+                                   (0, 0, 0), (0, 0, 0, -1)])
+def test_index_outside_the_tensor_is_refused(index):
+    result = tiny_instrumented("gpt2")
+    with pytest.raises(UserError, match="outside"):
+        result.faults.validate(Fault(0, "scores", index, (30,)), 3, 13)
+
+
+def test_many_trials_in_one_pass_equal_one_trial_per_pass():
+    """One fault per batch element in one pass gives each sample the output it gets alone."""
+    result = tiny_instrumented("gpt2")
+    x = result.example
+    batch, seq = x["input_ids"].shape
+    faults = [Fault(1, "scores", (0, 1, 4, 2), (30,)), Fault(0, "v", (1, 3, 7, 5), (30,)),
+              Fault(1, "weights", (2, 0, 9, 9), (29,))]
+    result.faults.set_faults(faults, batch, seq)
+    together = result(**x)["logits"]
+    records = result.faults.applied()
+    for b, fault in enumerate(faults):
+        result.faults.set_faults([fault], batch, seq)
+        alone = result(**x)["logits"]
+        assert torch.equal(together[b].view(torch.int32), alone[b].view(torch.int32))
+        assert result.faults.applied()[0] == records[b]
+    result.faults.clear()
+
+
+def test_fault_table_grows_for_more_faults_than_slots():
+    result = instrument("gpt2", tiny=True, locations=["scores"], layers=[0])
+    faults = [Fault(0, "scores", (b, 0, 5, 1), (30,)) for b in range(3)]
+    assert result.faults.slots == 1
+    result.faults.set_faults(faults, 3, 13)
+    result(**result.example)
+    assert result.faults.slots == 3
+    assert all(abs(r["after"]) > 1e30 for r in result.faults.applied())
+
+
+def test_probabilistic_faults_match_host_recomputation():
+    result = instrument("gpt2", tiny=True, locations=["scores"], layers=[0],
+                        fault_model="probabilistic")
+    x = result.example
+    clean = result(**x)["logits"]
+    result.faults.set_random(0, "scores", rates=[0.0, 0.01, 0.2], seeds=[1, 2, 3], bits=[30])
+    hit = result(**x)["logits"]
+    counts = [r["flips"] for r in result.faults.applied()]
+    from fxsdc.runtime import random_hits
+    expected, _ = random_hits(4 * 13 * 13, torch.tensor([1, 2, 3]),
+                              torch.tensor([0.0, 0.01, 0.2]), 32, torch.device("cpu"))
+    assert counts == expected.sum(dim=1).tolist()
+    assert counts[0] == 0 and counts[2] > counts[1] > 0
+    assert torch.equal(hit[0].view(torch.int32), clean[0].view(torch.int32))
+
+
+def test_unknown_location_and_layer_are_user_errors():
+    with pytest.raises(UserError, match="unknown location"):
+        instrument("gpt2", tiny=True, locations=["keys"])
+    with pytest.raises(UserError, match="out of range"):
+        instrument("gpt2", tiny=True, layers=[2])
+
+
+class TestSeedInjector:
+    def test_single_bit_at_index(self):
+        t = torch.ones(2, 3, 4, 5)
+        injector = FaultInjector(InjectionConfig(InjectionLocation.SCORES, idx=(1, 2, 3, 4),
+                                                 bit=31))
+        info = injector.inject(t)
+        assert t[1, 2, 3, 4] == -1.0 and info["value_before"] == 1.0
+        assert info["value_after"] == -1.0 and t.sum() == t.numel() - 2
+        assert injector.history == [info]
+
+    def test_random_location_is_seeded_and_multi_bit(self):
+        a, b = torch.zeros(4, 4), torch.zeros(4, 4)
+        cfg = InjectionConfig("weights", bits=(23, 24), seed=7)
+        ia, ib = FaultInjector(cfg).inject(a), FaultInjector(cfg).inject(b)
+        assert ia["idx"] == ib["idx"] and torch.equal(a, b)
+        assert a[tuple(ia["idx"])] == flip_value(0.0, [23, 24], torch.float32)
+
+    def test_probabilistic_and_disabled(self):
+        t = torch.ones(100, 100)
+        info = FaultInjector(InjectionConfig("q", bit=30, probability=0.05, seed=1)).inject(t)
+        assert 300 < info["flips"] < 700 and int((t != 1).sum()) == info["flips"]
+        u = torch.ones(3)
+        assert not FaultInjector(InjectionConfig("q", enabled=False)).inject(u)["enabled"]
+        assert torch.equal(u, torch.ones(3))
+
+    def test_bad_index_and_bit(self):
+        with pytest.raises(UserError):
+            FaultInjector(InjectionConfig("q", idx=(5, 0))).inject(torch.zeros(2, 2))
+        with pytest.raises(UserError):
+            FaultInjector(InjectionConfig("q", idx=(0, 0), bit=16)).inject(
+                torch.zeros(2, 2, dtype=torch.bfloat16))
