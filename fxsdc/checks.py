@@ -23,12 +23,13 @@ accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
   materialised (8 bytes per element of the checked tensors).
 
 **Tolerances** start from Higham's bound (*Accuracy and Stability of Numerical Algorithms*, 2nd
-ed., Lemma 3.1 and eq. 3.4): a computed dot product satisfies
+ed., section 3.1): a computed dot product satisfies
 ``|fl(x.y) - x.y| <= gamma_k |x|.|y|`` with ``gamma_k = k u / (1 - k u)``, for *any* summation
 order (so BLAS blocking, split-K and ``torch.compile`` reordering are covered), and a product of
 k factors ``(1 + d_i)^(+-1)`` with ``|d_i| <= u`` lies in ``[1 - gamma_k, 1 + gamma_k]``
-(Lemma 3.1). Rounding a value v to a format with unit roundoff u (round to nearest) errs by at
-most ``u |v|`` and also by at most ``u |fl(v)|`` (Higham eq. 2.5). Underflow adds an absolute
+(Lemma 3.1); gamma_j + gamma_k + gamma_j gamma_k <= gamma_{j+k} (Lemma 3.3). Rounding a value v
+to a format with unit roundoff u (round to nearest) errs by at most ``u |v|`` and also by at
+most ``u |fl(v)|`` (fl(v) = v / (1 + d), |d| <= u; Higham section 2.2). Underflow adds an absolute
 error: we charge each rounding that can underflow the format's smallest *normal* number (as if
 the hardware flushed subnormals to zero), except conversions to the 16-bit output formats,
 which keep subnormals on CPUs and GPUs and err by at most half the smallest subnormal.
@@ -41,8 +42,8 @@ Stated constants (not tuned):
   unit roundoff is ``2 u_fp32`` for 16/32-bit GEMMs (they accumulate in float32) and
   ``2 u_fp64`` for float64.
 - ``_EXP_ULPS_U = 4``: ``exp`` is accurate to 2 ulp in CUDA's ``expf`` (CUDA C++ Programming
-  Guide, "Mathematical Functions") and Triton's ``ex2.approx``-based exp; 2 ulp <= 4u. glibc's
-  exp is better than 1 ulp.
+  Guide, "Mathematical Functions"), about as accurate in Triton's ``ex2.approx``-based exp, and
+  to 1 ulp in the Sleef ``u10`` kernels PyTorch uses on CPUs; 2 ulp <= 4u.
 - ``_EXP_ARG_U = 3``: the exponent argument ``(a_j - max) * log2(e)`` takes one rounding for the
   subtraction, one for the product and one for the constant log2(e): an absolute argument error
   of at most ``3 u |a_j - max|``, i.e. a relative error ``e^(3u|t|) - 1`` of the exponential.
@@ -53,7 +54,7 @@ import math
 
 import torch
 
-from fxsdc.utils import top2
+from fxsdc.utils import logger, top2
 
 CHECK_DTYPE = torch.float64
 _ACC_FACTOR = 2.0
@@ -97,25 +98,35 @@ def _out_eta(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
-def default_accum_u(out_dtype: torch.dtype) -> float:
-    """Accumulation unit roundoff of a GEMM producing ``out_dtype`` with IEEE fp32/fp64 inputs."""
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
-    return _ACC_FACTOR * unit_roundoff(acc)
+def default_gemm_roundoff(out_dtype: torch.dtype, *in_dtypes: torch.dtype) -> tuple[float, float]:
+    """``(input_u, accum_u)`` of a GEMM producing ``out_dtype`` under torch's default flags.
 
-
-def gemm_unit_roundoff(dtype: torch.dtype, device_type: str = "cpu") -> float:
-    """Host-side: the ``accum_u`` to pass to the ABFT checks for GEMMs run with the current flags.
-
-    Call it when building the graph (it reads torch's global matmul settings, which a compiled
-    graph must not). float32 GEMMs under ``set_float32_matmul_precision("high"/"medium")`` (or the
-    backend ``fp32_precision`` knobs, or legacy ``allow_tf32``) round their inputs to TF32 or
-    bf16 (by truncation at worst, relative error < 2 u_in each, so a product errs by
-    < 4 u_in + 4 u_in^2 <= gamma_1(4 u_in)): ``accum_u = 4 u_in`` bounds that and the float32
-    accumulation together. bf16/fp16 GEMMs on CUDA with
-    ``allow_{bf16,fp16}_reduced_precision_reduction`` (PyTorch's default: True) may round split-K
-    partial sums to the 16-bit output type, so their accumulation is charged at the output's u
-    (x2 for truncation): correct but loose; turn those flags off for sensitive ABFT.
+    accum_u = ``_ACC_FACTOR * u`` of the float32 (float64) accumulator. input_u bounds the
+    relative error of the GEMM's own rounding of each operand: 0 when the operands are stored
+    in ``out_dtype`` (they go in exactly); when one is stored finer (autocast: fp32 tensors, bf16
+    GEMM) it is rounded to ``out_dtype`` first, by truncation at worst: input_u = 2 u_out.
     """
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    u_out = unit_roundoff(out_dtype)
+    input_u = 2 * u_out if any(unit_roundoff(d) < u_out for d in in_dtypes) else 0.0
+    return input_u, _ACC_FACTOR * unit_roundoff(acc)
+
+
+def gemm_roundoff(dtype: torch.dtype, device_type: str = "cpu") -> tuple[float, float]:
+    """Host-side ``(input_u, accum_u)`` for GEMMs in ``dtype`` under torch's current global flags.
+
+    Call it when building the graph (it reads global matmul settings, which a compiled graph
+    must not) and pass both values to the ABFT checks. float32 GEMMs under
+    ``set_float32_matmul_precision("high"/"medium")`` (or the backend ``fp32_precision`` knobs,
+    or legacy ``allow_tf32``) round their operands to TF32 (11-bit significand) or bf16, by
+    truncation at worst: input_u = 2^-10 or 2^-7. bf16/fp16 GEMMs on CUDA with
+    ``allow_{bf16,fp16}_reduced_precision_reduction`` (PyTorch's default: True) may round split-K
+    partial sums to the 16-bit output type and add them there; the number of splits is not
+    known, so the accumulation is charged at the output's precision (x2 for truncation). That
+    bound is valid but so loose that long dot products become uncheckable (tolerance +inf,
+    score 0): turn those flags off when running the ABFT checks.
+    """
+    input_u, accum_u = default_gemm_roundoff(dtype)
     if dtype == torch.float32:
         backend = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
         knob = getattr(backend, "fp32_precision", "none")
@@ -127,15 +138,29 @@ def gemm_unit_roundoff(dtype: torch.dtype, device_type: str = "cpu") -> float:
         if device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and knob == "ieee":
             knob = "tf32"
         if knob == "tf32":
-            return 4 * 2.0**-11
-        if knob == "bf16":
-            return 4 * unit_roundoff(torch.bfloat16)
-    if device_type == "cuda" and (
+            input_u = 2 * 2.0**-11
+        elif knob == "bf16":
+            input_u = 2 * unit_roundoff(torch.bfloat16)
+    elif device_type == "cuda" and (
         (dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
         or (dtype == torch.float16 and torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
     ):
-        return _ACC_FACTOR * unit_roundoff(dtype)
-    return default_accum_u(dtype)
+        logger.warning("%s GEMMs may reduce split-K partials in %s: ABFT tolerances will be very "
+                       "loose; disable torch.backends.cuda.matmul.allow_*_reduced_precision_reduction",
+                       dtype, dtype)
+        accum_u = _ACC_FACTOR * unit_roundoff(dtype)
+    return input_u, accum_u
+
+
+def _gemm_rel(k: int, input_u: float, accum_u: float) -> float:
+    """Relative error bound (w.r.t. |A||B|) of one GEMM output entry before output rounding.
+
+    Each product of rounded operands errs by at most d_in = (1 + input_u)^2 - 1 relative to the
+    exact product (the product of the rounded operands is exact in the accumulator), and the k
+    accumulations by gamma_k(accum_u) relative to the sum of those products' magnitudes.
+    """
+    d_in = (1 + input_u) ** 2 - 1
+    return d_in + gamma(k, accum_u) * (1 + d_in)
 
 
 def _finish(violation: torch.Tensor, tol: torch.Tensor, nonfinite: torch.Tensor,
@@ -224,7 +249,7 @@ def softmax_sum_tolerances(weights_dtype: torch.dtype, length: int) -> tuple[flo
     return tol_sum, tol_range
 
 
-def _valid_keys(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def valid_keys(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Valid (unmasked) keys: ``mask`` True and logits above finfo(dtype).min / 2.
 
     That threshold catches -inf, ``torch.where(mask, x, finfo.min)`` and additive finfo.min masks
@@ -245,7 +270,7 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
     sets u_w: a float64 copy of bf16 weights would be judged at float64 precision - pass the
     original). Masked weights must be ~0: they are included in the sum, so a non-zero masked
     weight shows up as excess mass, and a negative one also breaks the range test.
-    ``logits``/``mask`` (optional, see ``_valid_keys``): rows with no valid key (fully masked, e.g.
+    ``logits``/``mask`` (optional, see ``valid_keys``): rows with no valid key (fully masked, e.g.
     padded queries under finfo.min masks, where softmax returns uniform weights) are not checked.
     Score = max(|sum - 1| / tol_sum, max_j max(-w_j, w_j - 1, 0) / tol_range) with the
     tolerances of ``softmax_sum_tolerances``; +inf if any weight in the row is NaN/Inf.
@@ -261,7 +286,7 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
     nonfinite = ~torch.isfinite(w).all(-1)
     checkable = None
     if logits is not None:
-        checkable = _valid_keys(logits, mask).any(-1)
+        checkable = valid_keys(logits, mask).any(-1)
     elif mask is not None:
         checkable = mask.to(torch.bool).expand_as(w).any(-1)
     one = torch.ones((), dtype=CHECK_DTYPE, device=w.device)
@@ -295,7 +320,7 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
         raise ValueError("float64 logits with lower-precision weights: the softmax rounded its "
                          "input first, which this error model does not cover; pass the logits "
                          "the softmax actually read")
-    valid = _valid_keys(logits, mask)
+    valid = valid_keys(logits, mask)
     a = logits.to(CHECK_DTYPE)
     w = weights.to(CHECK_DTYPE)
     zero = torch.zeros((), dtype=CHECK_DTYPE, device=a.device)
@@ -396,6 +421,7 @@ def softmax_bounds_score(logits: torch.Tensor, weights: torch.Tensor, w_table: t
 
 
 def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+                          input_u: float | None = None,
                           accum_u: float | None = None) -> torch.Tensor:
     """Row-checksum ABFT for ``c = a @ b`` (batched on leading dims, broadcasting like matmul).
 
@@ -405,22 +431,27 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     terms, usually fewer than a column sum's n; column checksums would cost a second pass and
     give per-column information the score convention cannot carry.
 
-    ``accum_u``: unit roundoff of the GEMM's accumulation (``gemm_unit_roundoff`` reads the
-    flags; default ``default_accum_u(c.dtype)``: fp32 accumulation for 16/32-bit, x2 for
-    truncating accumulators).
+    ``input_u``/``accum_u``: the GEMM's rounding of its operands and of its accumulation
+    (``gemm_roundoff`` reads torch's flags; default ``default_gemm_roundoff(c.dtype, a.dtype,
+    b.dtype)``: exact operands - or autocast's rounding when a or b is finer than c - and fp32
+    accumulation for 16/32-bit, x2 for truncating accumulators).
 
-    Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|:
-      GEMM:    |c_ij - (AB)_ij| <= gamma_k(accum_u) (|A||B|)_ij + u_out |c_ij| + k tiny_acc + eta_out
-               (accumulation for any order, then rounding to c's dtype, bounded by the rounded
-               value), summed over j: gamma_k(accum_u) Q_i + u_out S_i + m (k tiny_acc + eta_out);
-      check:   float64 row sum of c: gamma_m(u_c) S_i; A.(B.1): B.1 costs gamma_m, the dot gamma_k,
-               together <= gamma_{m+k}(u_c) Q_i (Higham Lemma 3.3);
+    Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|,
+    rel_k = ((1 + input_u)^2 - 1) + gamma_k(accum_u) (1 + (1 + input_u)^2 - 1):
+      GEMM:    |c_ij - (AB)_ij| <= rel_k (|A||B|)_ij + u_out |c_ij| + k tiny_acc + eta_out
+               (operand rounding, accumulation in any order, then rounding to c's dtype bounded
+               by the rounded value), summed over j: rel_k Q_i + u_out S_i + m (k tiny_acc + eta_out);
+      check:   float64 row sum of c: gamma_m(u_c) S_i; A.(B.1): B.1 costs gamma_m, the dot
+               gamma_k, together <= gamma_{m+k}(u_c) Q_i (Lemma 3.3);
       tol_i  = (sum of the above + tiny) * slack.
-    Inputs are the stored operands the GEMM read, so they carry no error of their own.
+    The check reads the stored operands, so beyond the GEMM's own operand rounding they carry
+    no error.
     """
     k = a.shape[-1]
     m = b.shape[-1]
-    u_acc = default_accum_u(c.dtype) if accum_u is None else accum_u
+    d_input_u, d_accum_u = default_gemm_roundoff(c.dtype, a.dtype, b.dtype)
+    rel = _gemm_rel(k, d_input_u if input_u is None else input_u,
+                    d_accum_u if accum_u is None else accum_u)
     u_out = unit_roundoff(c.dtype)
     tiny_acc = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).tiny
     a64, b64, c64 = a.to(CHECK_DTYPE), b.to(CHECK_DTYPE), c.to(CHECK_DTYPE)
@@ -429,7 +460,7 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     s_abs = c64.abs().sum(-1)
     q_abs = torch.matmul(a64.abs(), b64.abs().sum(-1, keepdim=True)).squeeze(-1)
     absolute = m * (k * tiny_acc + _out_eta(c.dtype)) + _TINY_CHECK
-    tol = ((gamma(k, u_acc) + gamma(m + k, U_CHECK)) * q_abs
+    tol = ((rel + gamma(m + k, U_CHECK)) * q_abs
            + (u_out + gamma(m, U_CHECK)) * s_abs + absolute) * _slack(m + k + 4)
     nonfinite = ~(torch.isfinite(lhs) & torch.isfinite(rhs))
     return _finish((lhs - rhs).abs(), tol, nonfinite)
@@ -438,25 +469,30 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
 def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.Tensor,
                           w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None = None,
                           b_abs_sum: torch.Tensor | None = None, *, group_size: int,
-                          scale: float | None = None,
+                          scale: float | None = None, out_dtype: torch.dtype | None = None,
+                          input_u: float | None = None,
                           accum_u: float | None = None) -> torch.Tensor:
     """ABFT for ``y = scale * (x @ W + b)`` checked through per-group sums of y.
 
-    ``x[..., K]``: the layer input, in the dtype the layer ran in (sets u_out, the rounding of
-    y); ``y_groups[..., G]``: for each group g (head) the sum of that group's ``group_size``
-    output columns of the y that downstream ops consume. Sum it after upcasting
-    (``q_heads.to(torch.float64).sum(-1)``): its dtype is taken as the precision of that sum,
-    and a bf16 sum costs gamma_{group_size}(2^-8). ``w_sum[K, G]``/``w_abs_sum[K, G]``: W's (or
-    |W|'s) columns summed per group, once, in float64, with W as ``[K, N]`` (``linear.weight.T``);
-    ``b_sum[G]``/``b_abs_sum[G]``: the same for the bias (None: no bias). ``scale``: a constant
-    the model multiplies y by before the heads are split (OPT's ``q_proj(x) * scaling``); None
-    for no multiplication. Returns a score of shape ``y_groups.shape`` (one per token and head).
+    ``x[..., K]``: the layer input. ``y_groups[..., G]``: for each group g (head) the sum of
+    that group's ``group_size`` output columns of the y that downstream ops consume. Sum it
+    after upcasting (``q_heads.to(torch.float64).sum(-1)``): its dtype is taken as the
+    precision of that sum, and a bf16 sum costs gamma_{group_size}(2^-8).
+    ``w_sum[K, G]``/``w_abs_sum[K, G]``: W's (or |W|'s) columns summed per group, once, in
+    float64, with W as ``[K, N]`` (see ``linear_group_sums``); ``b_sum[G]``/``b_abs_sum[G]``:
+    the same for the bias (None: no bias). ``scale``: a constant the model multiplies y by
+    before the heads are split (OPT's ``q_proj(x) * scaling``); None for no multiplication.
+    ``out_dtype``: the dtype y was rounded to (default ``x.dtype``; pass it under autocast).
+    ``input_u``/``accum_u`` as in ``matmul_checksum_score`` (default: exact operands, or
+    autocast's rounding of x and W when x is finer than ``out_dtype``; W is assumed stored no
+    finer than x). Returns a score of shape ``y_groups.shape`` (one per token and head).
 
     Tolerance, with Q_g = sum_l |x_l| w_abs_sum[l, g] + b_abs_sum[g] (= sum over the group of
-    |x||W| + |b|) and r roundings to x's dtype (GEMM result, bias add, the scale's rounding to
+    |x||W| + |b|) and r roundings to out_dtype (GEMM result, bias add, the scale's rounding to
     fp32 and the product: r = 1 + [bias] + 2 [scale]):
       per column:  |y_c - s(xW + b)_c| <= |s| rho (P_c + |b_c|),
-                   rho = gamma_{K+1}(accum_u) + gamma_r(u_out) (1 + gamma_{K+1}(accum_u));
+                   rho = rel_{K+1} + gamma_r(u_out) (1 + rel_{K+1})   (rel_k as in the matmul
+                   check; K+1 for the bias added in the accumulator);
       group sum by the caller in y_groups' dtype: gamma_gs(u_yg) (1 + rho) |s| Q_g;
       prediction s (x . w_sum + b_sum) in float64 (w_sum exact to u_c): gamma_{K+gs+3}(u_c) |s| Q_g;
       underflow: gs max(1, |s|) ((K+1) tiny_acc + r eta_out + tiny_yg);
@@ -464,17 +500,19 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
     """
     k_in = x.shape[-1]
     has_bias = b_sum is not None
-    u_acc = default_accum_u(x.dtype) if accum_u is None else accum_u
-    tiny_acc = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).tiny
-    u_out = unit_roundoff(x.dtype)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    d_input_u, d_accum_u = default_gemm_roundoff(out_dtype, x.dtype)
+    g_acc = _gemm_rel(k_in + 1, d_input_u if input_u is None else input_u,
+                      d_accum_u if accum_u is None else accum_u)
+    tiny_acc = torch.finfo(torch.float64 if out_dtype == torch.float64 else torch.float32).tiny
+    u_out = unit_roundoff(out_dtype)
     u_yg = unit_roundoff(y_groups.dtype)
     s = 1.0 if scale is None else float(scale)
     r = 1 + int(has_bias) + (2 if scale is not None else 0)
-    g_acc = gamma(k_in + 1, u_acc)
     rho = g_acc + gamma(r, u_out) * (1 + g_acc)
     rel = abs(s) * (rho + gamma(group_size, u_yg) * (1 + rho) + gamma(k_in + group_size + 3, U_CHECK))
     absolute = group_size * max(1.0, abs(s)) * (
-        (k_in + 1) * tiny_acc + r * _out_eta(x.dtype) + torch.finfo(y_groups.dtype).tiny) + _TINY_CHECK
+        (k_in + 1) * tiny_acc + r * _out_eta(out_dtype) + torch.finfo(y_groups.dtype).tiny) + _TINY_CHECK
 
     x64 = x.to(CHECK_DTYPE)
     pred = torch.matmul(x64, w_sum.to(CHECK_DTYPE))
