@@ -420,30 +420,52 @@ def softmax_bounds_score(logits: torch.Tensor, weights: torch.Tensor, w_table: t
 # --------------------------------------------------------------------------------------------
 
 
+def _scale_parts(scale: float | torch.Tensor | None,
+                 device: torch.device) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """(scale, |scale|) as a float64 0-dim tensor or a Python float; (1.0, 1.0) for None."""
+    if scale is None:
+        return 1.0, 1.0
+    if isinstance(scale, torch.Tensor):
+        s = scale.to(device=device, dtype=CHECK_DTYPE)
+        return s, s.abs()
+    return float(scale), abs(float(scale))
+
+
 def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
+                          scale: float | torch.Tensor | None = None,
                           input_u: float | None = None,
                           accum_u: float | None = None) -> torch.Tensor:
-    """Row-checksum ABFT for ``c = a @ b`` (batched on leading dims, broadcasting like matmul).
+    """Row-checksum ABFT for ``c = (a @ b) * scale`` (batched, broadcasting like matmul).
 
-    Compares C.1 (row sums of the consumed ``c``) with A.(B.1); returns a score of shape
+    Compares C.1 (row sums of the consumed ``c``) with scale * A.(B.1); returns a score of shape
     ``c.shape[:-1]``. Row checksums only: a fault in one element of C moves exactly its row's
     sum, the score is then per row like every other check, and the row sum has m = d (or n)
     terms, usually fewer than a column sum's n; column checksums would cost a second pass and
     give per-column information the score convention cannot carry.
 
+    ``scale`` (optional, float or 0-dim tensor): the model multiplied the product by it, or
+    divided by a constant (pass 1 / divisor, with the divisor as the model stored it: a bf16
+    ``torch.full`` divisor is the bf16 value; a Python float stays as it is).
     ``input_u``/``accum_u``: the GEMM's rounding of its operands and of its accumulation
     (``gemm_roundoff`` reads torch's flags; default ``default_gemm_roundoff(c.dtype, a.dtype,
     b.dtype)``: exact operands - or autocast's rounding when a or b is finer than c - and fp32
     accumulation for 16/32-bit, x2 for truncating accumulators).
 
     Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|,
-    rel_k = ((1 + input_u)^2 - 1) + gamma_k(accum_u) (1 + (1 + input_u)^2 - 1):
-      GEMM:    |c_ij - (AB)_ij| <= rel_k (|A||B|)_ij + u_out |c_ij| + k tiny_acc + eta_out
-               (operand rounding, accumulation in any order, then rounding to c's dtype bounded
-               by the rounded value), summed over j: rel_k Q_i + u_out S_i + m (k tiny_acc + eta_out);
-      check:   float64 row sum of c: gamma_m(u_c) S_i; A.(B.1): B.1 costs gamma_m, the dot
-               gamma_k, together <= gamma_{m+k}(u_c) Q_i (Lemma 3.3);
-      tol_i  = (sum of the above + tiny) * slack.
+    rel_k = d_in + gamma_k(accum_u) (1 + d_in), d_in = (1 + input_u)^2 - 1:
+      GEMM:    |p_ij - (AB)_ij| <= rel_k (|A||B|)_ij + u_out |p_ij| + k tiny_acc + eta_out for the
+               rounded product p (operand rounding, accumulation in any order, rounding to c's
+               dtype bounded by the rounded value);
+      scale:   c_ij = fl(p_ij * s_eff), where s_eff is s after the opmath conversion of a scalar
+               and a reciprocal for division (|s_eff - s| <= g_op |s|, g_op = gamma_2(u_fp32),
+               gamma_2(u_fp64) for float64), and |p_ij s_eff| <= (1 + u_out)|c_ij|: so
+               |c_ij - s (AB)_ij| <= |s| ((1 + g_op) rel_k + g_op) (|A||B|)_ij
+                                     + gamma_2(u_out) |c_ij| + |s| (1 + g_op)(k tiny_acc + eta_out) + eta_out
+               (without a scale: g_op = 0 and gamma_1(u_out) |c_ij|);
+      check:   float64 row sum of c: gamma_m(u_c) S_i; s * A.(B.1): B.1 costs gamma_m, the dot
+               gamma_k, the scale and its reciprocal 2, together <= gamma_{m+k+2}(u_c) |s| Q_i
+               (Lemma 3.3);
+      tol_i  = (sum over j of the above + tiny) * slack.
     The check reads the stored operands, so beyond the GEMM's own operand rounding they carry
     no error.
     """
@@ -452,16 +474,21 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     d_input_u, d_accum_u = default_gemm_roundoff(c.dtype, a.dtype, b.dtype)
     rel = _gemm_rel(k, d_input_u if input_u is None else input_u,
                     d_accum_u if accum_u is None else accum_u)
+    s, s_abs = _scale_parts(scale, c.device)
+    g_op = 0.0 if scale is None else gamma(2, unit_roundoff(
+        torch.float64 if c.dtype == torch.float64 else torch.float32))
     u_out = unit_roundoff(c.dtype)
+    eta_out = _out_eta(c.dtype)
     tiny_acc = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).tiny
     a64, b64, c64 = a.to(CHECK_DTYPE), b.to(CHECK_DTYPE), c.to(CHECK_DTYPE)
     lhs = c64.sum(-1)
-    rhs = torch.matmul(a64, b64.sum(-1, keepdim=True)).squeeze(-1)
-    s_abs = c64.abs().sum(-1)
+    rhs = torch.matmul(a64, b64.sum(-1, keepdim=True)).squeeze(-1) * s
+    c_abs = c64.abs().sum(-1)
     q_abs = torch.matmul(a64.abs(), b64.abs().sum(-1, keepdim=True)).squeeze(-1)
-    absolute = m * (k * tiny_acc + _out_eta(c.dtype)) + _TINY_CHECK
-    tol = ((rel + gamma(m + k, U_CHECK)) * q_abs
-           + (u_out + gamma(m, U_CHECK)) * s_abs + absolute) * _slack(m + k + 4)
+    rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK))
+    rel_c = gamma(1 if scale is None else 2, u_out) + gamma(m, U_CHECK)
+    absolute = m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out) + _TINY_CHECK
+    tol = (rel_q * q_abs + rel_c * c_abs + absolute) * _slack(m + k + 8)
     nonfinite = ~(torch.isfinite(lhs) & torch.isfinite(rhs))
     return _finish((lhs - rhs).abs(), tol, nonfinite)
 
@@ -469,7 +496,8 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
 def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.Tensor,
                           w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None = None,
                           b_abs_sum: torch.Tensor | None = None, *, group_size: int,
-                          scale: float | None = None, out_dtype: torch.dtype | None = None,
+                          scale: float | torch.Tensor | None = None,
+                          out_dtype: torch.dtype | None = None,
                           input_u: float | None = None,
                           accum_u: float | None = None) -> torch.Tensor:
     """ABFT for ``y = scale * (x @ W + b)`` checked through per-group sums of y.
@@ -481,22 +509,23 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
     ``w_sum[K, G]``/``w_abs_sum[K, G]``: W's (or |W|'s) columns summed per group, once, in
     float64, with W as ``[K, N]`` (see ``linear_group_sums``); ``b_sum[G]``/``b_abs_sum[G]``:
     the same for the bias (None: no bias). ``scale``: a constant the model multiplies y by
-    before the heads are split (OPT's ``q_proj(x) * scaling``); None for no multiplication.
+    before the heads are split (OPT's ``q_proj(x) * scaling``; float or 0-dim tensor, as in
+    ``matmul_checksum_score``); None for no multiplication.
     ``out_dtype``: the dtype y was rounded to (default ``x.dtype``; pass it under autocast).
     ``input_u``/``accum_u`` as in ``matmul_checksum_score`` (default: exact operands, or
     autocast's rounding of x and W when x is finer than ``out_dtype``; W is assumed stored no
     finer than x). Returns a score of shape ``y_groups.shape`` (one per token and head).
 
     Tolerance, with Q_g = sum_l |x_l| w_abs_sum[l, g] + b_abs_sum[g] (= sum over the group of
-    |x||W| + |b|) and r roundings to out_dtype (GEMM result, bias add, the scale's rounding to
-    fp32 and the product: r = 1 + [bias] + 2 [scale]):
+    |x||W| + |b|) and r roundings at u_out or finer (GEMM result, bias add, and for a scale its
+    opmath conversion, a reciprocal if the model divides, the product: r = 1 + [bias] + 3 [scale]):
       per column:  |y_c - s(xW + b)_c| <= |s| rho (P_c + |b_c|),
                    rho = rel_{K+1} + gamma_r(u_out) (1 + rel_{K+1})   (rel_k as in the matmul
                    check; K+1 for the bias added in the accumulator);
       group sum by the caller in y_groups' dtype: gamma_gs(u_yg) (1 + rho) |s| Q_g;
-      prediction s (x . w_sum + b_sum) in float64 (w_sum exact to u_c): gamma_{K+gs+3}(u_c) |s| Q_g;
-      underflow: gs max(1, |s|) ((K+1) tiny_acc + r eta_out + tiny_yg);
-      tol = (|s| (rho + gamma_gs(u_yg)(1 + rho) + gamma_{K+gs+3}(u_c)) Q_g + underflow) * slack.
+      prediction s (x . w_sum + b_sum) in float64 (w_sum exact to u_c): gamma_{K+gs+4}(u_c) |s| Q_g;
+      underflow: gs (1 + |s|) ((K+1) tiny_acc + r eta_out + tiny_yg);
+      tol = (|s| (rho + gamma_gs(u_yg)(1 + rho) + gamma_{K+gs+4}(u_c)) Q_g + underflow) * slack.
     """
     k_in = x.shape[-1]
     has_bias = b_sum is not None
@@ -507,11 +536,11 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
     tiny_acc = torch.finfo(torch.float64 if out_dtype == torch.float64 else torch.float32).tiny
     u_out = unit_roundoff(out_dtype)
     u_yg = unit_roundoff(y_groups.dtype)
-    s = 1.0 if scale is None else float(scale)
-    r = 1 + int(has_bias) + (2 if scale is not None else 0)
+    s, s_abs = _scale_parts(scale, x.device)
+    r = 1 + int(has_bias) + (3 if scale is not None else 0)
     rho = g_acc + gamma(r, u_out) * (1 + g_acc)
-    rel = abs(s) * (rho + gamma(group_size, u_yg) * (1 + rho) + gamma(k_in + group_size + 3, U_CHECK))
-    absolute = group_size * max(1.0, abs(s)) * (
+    rel = s_abs * (rho + gamma(group_size, u_yg) * (1 + rho) + gamma(k_in + group_size + 4, U_CHECK))
+    absolute = group_size * (s_abs + 1) * (
         (k_in + 1) * tiny_acc + r * _out_eta(out_dtype) + torch.finfo(y_groups.dtype).tiny) + _TINY_CHECK
 
     x64 = x.to(CHECK_DTYPE)

@@ -147,8 +147,25 @@ matmul_cases = st.fixed_dictionaries({
     "n": st.integers(1, 12), "k": st.integers(1, 80), "m": st.integers(1, 24),
     "dist": st.sampled_from(["normal", "positive", "spread"]),
     "sa": st.integers(0, 4), "sb": st.integers(0, 4),
+    # how the model scales the product: GPT-2 divides by a torch.full divisor in the dtype
+    "scale": st.sampled_from([None, ("mul", 0.125), ("mul", -3.0), ("mul", 1 / math.sqrt(48)),
+                              ("div_tensor", math.sqrt(48)), ("div_float", math.sqrt(80))]),
     "seed": st.integers(0, 2**31 - 1),
 })
+
+
+def scaled_product(a: torch.Tensor, b: torch.Tensor, how: tuple[str, float] | None):
+    """(c as the model computes it, the scale to pass to matmul_checksum_score)."""
+    c = torch.matmul(a, b)
+    if how is None:
+        return c, None
+    kind, value = how
+    if kind == "mul":
+        return c * value, value
+    if kind == "div_float":
+        return c / value, 1.0 / value
+    divisor = torch.full([], value, dtype=c.dtype)
+    return c / divisor, 1.0 / divisor.to(torch.float64)
 
 
 @SETTINGS
@@ -164,9 +181,9 @@ def test_matmul_checksum_clean_never_flags(case: dict) -> None:
     a = make_operand(batch + (case["n"], case["k"]), case["dist"], sa, gen).to(dtype)
     b_batch = batch[1:] if case["broadcast_b"] else batch
     b = make_operand(b_batch + (case["k"], case["m"]), case["dist"], sb, gen).to(dtype)
-    c = torch.matmul(a, b)
+    c, scale = scaled_product(a, b, case["scale"])
     assume(torch.isfinite(c).all())  # an overflowing product is not a clean one
-    score = checks.matmul_checksum_score(a, b, c)
+    score = checks.matmul_checksum_score(a, b, c, scale=scale)
     assert score.shape == c.shape[:-1]
     assert score.max() <= 1, f"matmul score {score.max().item()} on a clean product ({case})"
 
@@ -315,10 +332,10 @@ def test_bit30_flips_are_detected(name: str) -> None:
 # ------------------------------------------------------------------ torch.compile
 
 
-def all_checks(logits, weights, table, a, b, c, x, y_groups, w_sum, w_abs, b_sum, b_abs):
+def all_checks(logits, weights, table, a, b, c, c_scale, x, y_groups, w_sum, w_abs, b_sum, b_abs):
     return (checks.softmax_bounds_score(logits, weights, table),
             checks.softmax_sum_score(weights, logits),
-            checks.matmul_checksum_score(a, b, c),
+            checks.matmul_checksum_score(a, b, c, scale=c_scale),
             checks.linear_checksum_score(x, y_groups, w_sum, w_abs, b_sum, b_abs,
                                          group_size=4, scale=0.125))
 
@@ -329,12 +346,13 @@ def test_checks_compile_fullgraph_and_match_eager() -> None:
     logits, _ = apply_mask(torch.randn(6, 8, generator=gen), "causal", gen)
     weights = flip_bit(torch.softmax(logits, -1), (2, 0), 30)
     a, b = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 5, 4, generator=gen)
-    c = flip_bit(a @ b, (1, 2, 3), 30)
+    c, c_scale = scaled_product(a, b, ("div_tensor", 2.5))
+    c = flip_bit(c, (1, 2, 3), 30)
     case = {"dtype": torch.float32, "tokens": 3, "k": 8, "groups": 2, "group_size": 4,
             "bias": True, "scale": 0.125, "x_scale": 1.0}
     x, weight, bias, y = linear_case(case, gen)
     y_groups = group_sums(flip_bit(y, (0, 1, 5), 30), 2, in_model_dtype=False)
-    args = (logits, weights, lambertw_table(8), a, b, c, x, y_groups,
+    args = (logits, weights, lambertw_table(8), a, b, c, c_scale, x, y_groups,
             *checks.linear_group_sums(weight, bias, 2))
     eager = all_checks(*args)
     compiled = torch.compile(all_checks, fullgraph=True)(*args)
