@@ -2,7 +2,7 @@
 
 from .errors import UserError
 from .faults import Fault, FaultInjector, InjectionConfig, InjectionLocation
-from .instrument import Instrumented, instrument
+from .pipeline import Instrumented, instrument
 
 __all__ = ["Fault", "FaultInjector", "InjectionConfig", "InjectionLocation", "Instrumented",
            "UserError", "instrument"]

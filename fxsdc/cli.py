@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import UserError
+from .experiment_cli import add_experiment_commands
 
 log = logging.getLogger("fxsdc")
 
@@ -46,6 +47,8 @@ def _add_instrument(sub: Any) -> None:
     p.add_argument("--locations", default="q,k,v,scores,weights,out",
                    help="comma-separated sites per layer (default: all six)")
     p.add_argument("--layers", default=None, help="comma-separated layer numbers (default: all)")
+    p.add_argument("--checks", default="", help="comma-separated online checks to insert: "
+                   "bounds, softmax, abft (default: none)")
     p.add_argument("--tiny", action="store_true", help="2-layer small model of the same "
                    "architecture, random weights")
     p.add_argument("--pretrained", action="store_true",
@@ -83,6 +86,11 @@ def _run_instrument(args: argparse.Namespace) -> int:
     if not locations:
         raise UserError("--locations is empty")
     layers = None if args.layers is None else _int_list(args.layers, "--layers")
+    from passes.insert_checks import CHECKS
+    checks = _csv(args.checks)
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise UserError(f"unknown check {unknown[0]!r}; choose from {', '.join(CHECKS)}")
     dtype = bits.parse_dtype(args.dtype)
     spec = models.resolve(args.model)
     fault = None
@@ -95,8 +103,9 @@ def _run_instrument(args: argparse.Namespace) -> int:
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
         raise UserError(f"--save {args.save}: exists and is not a directory")
 
-    from .instrument import compare_outputs, instrument
-    result = instrument(spec.hf_id, locations=locations, layers=layers, tiny=args.tiny,
+    from .pipeline import compare_outputs, instrument
+    result = instrument(spec.hf_id, locations=locations, layers=layers, checks=checks,
+                        tiny=args.tiny,
                         pretrained=True if args.pretrained else None, dtype=dtype)
     gm, sites = result
     x = result.example
@@ -111,28 +120,35 @@ def _run_instrument(args: argparse.Namespace) -> int:
             armed = Fault(layer, location, index, flip)
         result.faults.validate(armed, batch, seq_len)  # before any forward pass
 
+    result.detector.reset(batch)
     with torch.no_grad():
         reference = result.original(**x)
         eager = gm(**x)
     equal, max_diff = compare_outputs(reference, eager)
+    clean_flags = result.detector.total_flagged()
     report: dict[str, Any] = {
         "model": spec.hf_id, "source": result.loaded.source if result.loaded else "",
         "dtype": args.dtype, "example_shape": [batch, seq_len],
         "sites": [{"layer": s.layer, "location": s.location, "node": s.node,
                    "inject_node": s.inject_node, "shape": [batch, *s.sample_shape],
                    "dtype": s.dtype} for s in sites],
+        "checks": [c.to_dict() for c in result.checks],
         "bitwise_equal": equal, "max_abs_diff": max_diff,
+        "clean_flagged_rows": clean_flags,
     }
     if args.compile:
         report["compiled"] = _compare_compiled(result, reference, eager)
     if armed is not None:
         result.faults.set_faults([armed], batch, seq_len)
+        result.detector.reset(batch)
         with torch.no_grad():
             injected = gm(**x)
         applied = result.faults.applied()[0]
+        detected = {name: flags[armed.index[0]]
+                    for name, flags in result.detector.flagged_samples().items()}
         result.faults.clear()
         _, change = compare_outputs(eager, injected)
-        report["fault"] = {**applied, "output_max_abs_change": change}
+        report["fault"] = {**applied, "output_max_abs_change": change, "detected_by": detected}
     if args.save:
         report["saved"] = _save(result, args.save, report)
 
@@ -146,7 +162,7 @@ def _run_instrument(args: argparse.Namespace) -> int:
 def _compare_compiled(result: Any, reference: dict, eager: dict) -> dict[str, Any]:
     import torch
 
-    from .instrument import compare_outputs
+    from .pipeline import compare_outputs
     x = result.example
     with torch.no_grad():
         compiled_original = torch.compile(result.original)(**x)
@@ -192,11 +208,18 @@ def _print_instrument(report: dict[str, Any], result: Any, show: str) -> None:
     if show == "sites":
         print(tabulate(rows, headers=["layer", "location", "fx node", "inserted node", "shape",
                                       "dtype"]))
+        if report["checks"]:
+            print()
+            print(tabulate([[c["layer"], c["check"], c["op"], c["node"]] for c in report["checks"]],
+                           headers=["layer", "check", "on op", "inserted node"]))
     print(f"\n{report['model']}: {report['source']}")
     print(f"{len(rows)} injection sites; faults off vs original on input "
           f"{tuple(report['example_shape'])}: "
           + ("bitwise identical" if report["bitwise_equal"]
              else f"DIFFERENT (max |diff| {report['max_abs_diff']:.3g})"))
+    if report["checks"]:
+        print(f"{len(report['checks'])} check nodes; rows flagged on the clean run: "
+              f"{report['clean_flagged_rows']}")
     if "compiled" in report:
         c = report["compiled"]
         print("torch.compile: " + ("bitwise identical to the compiled original"
@@ -207,7 +230,9 @@ def _print_instrument(report: dict[str, Any], result: Any, show: str) -> None:
         f = report["fault"]
         print(f"fault {f['location']}@{f['layer']} index {tuple(f['index'])} bits {f['bits']}: "
               f"{f['before']:.6g} -> {f['after']:.6g}; output max |change| "
-              f"{f['output_max_abs_change']:.3g}")
+              f"{f['output_max_abs_change']:.3g}"
+              + (f"; detected by: {', '.join(k for k, v in f['detected_by'].items() if v) or 'none'}"
+                 if f["detected_by"] else ""))
     if "saved" in report:
         print(f"saved graph.py, graph.txt, sites.json, graph.graphml, graph.dot in {report['saved']}")
 
@@ -218,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_instrument(sub)
+    from .report import add_report_command
+    add_report_command(sub)
+    add_experiment_commands(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The graph API: trace a model, run the passes, and get back an instrumented GraphModule."""
+"""The pipeline behind `fxsdc.instrument`: trace a model, run the passes, return the
+instrumented GraphModule with its fault and detector controls."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -8,12 +9,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from passes.insert_checks import CHECKS, CheckInfo, insert_checks
 from passes.insert_injection import FAULT_MODELS, SiteInfo, insert_fault_injection
 from passes.match_attention import LOCATIONS, AttentionNotFound, match_attention
 from passes.shapes import propagate_shapes
 
 from . import models
 from .errors import UserError
+from .detector import Detector
 from .faults import FaultController, InjectionLocation
 from .tracing import trace
 
@@ -24,9 +27,10 @@ EXAMPLE_BATCH, EXAMPLE_SEQ = 3, 13
 
 @dataclass
 class Instrumented:
-    """An instrumented model: ``gm`` (the rewritten GraphModule), its ``sites``, the traced
-    ``original`` it came from (sharing weights), and ``faults`` to arm and read faults.
-    Unpacks as ``gm, sites = fxsdc.instrument(...)``."""
+    """An instrumented model: ``gm`` (the rewritten GraphModule), its injection ``sites`` and
+    ``checks``, the traced ``original`` it came from (sharing weights), ``faults`` to arm and read
+    faults and ``detector`` to read and reset the checks. Unpacks as
+    ``gm, sites = fxsdc.instrument(...)``."""
 
     gm: fx.GraphModule
     sites: list[SiteInfo]
@@ -34,9 +38,15 @@ class Instrumented:
     example: dict[str, torch.Tensor]
     loaded: models.LoadedModel | None = None
     faults: FaultController = field(init=False)
+    detector: Detector = field(init=False)
 
     def __post_init__(self) -> None:
         self.faults = FaultController(self.gm)
+        self.detector = Detector(self.gm)
+
+    @property
+    def checks(self) -> list[CheckInfo]:
+        return self.detector.checks
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.gm, self.sites))
@@ -62,13 +72,18 @@ def _parse_layers(layers: Sequence[int] | None, num_layers: int) -> list[int] | 
 
 
 def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
-               layers: Sequence[int] | None = None, fault_model: str = "bitflip",
+               layers: Sequence[int] | None = None, checks: Sequence[str] = (),
+               fault_model: str = "bitflip",
                slots: int = 1, tiny: bool = False, pretrained: bool | None = None,
                dtype: torch.dtype = torch.float32,
                example_inputs: dict[str, torch.Tensor] | None = None) -> Instrumented:
-    """Trace ``model`` (a registry name or a loaded HF model) and insert injection nodes at the
-    chosen (layer, location) sites; every fault starts switched off."""
+    """Trace ``model`` (a registry name or a loaded HF model), insert injection nodes at the
+    chosen (layer, location) sites and the chosen ``checks`` (bounds, softmax, abft) at the
+    chosen layers; every fault starts switched off."""
     locations = [InjectionLocation.parse(loc).value for loc in locations]
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise UserError(f"unknown check {unknown[0]!r}; choose from {', '.join(CHECKS)}")
     if fault_model not in FAULT_MODELS:
         raise UserError(f"unknown fault model {fault_model!r}; choose from "
                         f"{', '.join(FAULT_MODELS)}")
@@ -94,6 +109,8 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
     chosen = _parse_layers(layers, num_layers)
     gm = insert_fault_injection(original, locations=locations, layers=chosen,
                                 fault_model=fault_model, slots=slots)
+    if checks:
+        gm = insert_checks(gm, example_inputs, checks=checks, layers=chosen)
     return Instrumented(gm, gm.meta["fxsdc_sites"], original, example_inputs, loaded)
 
 

@@ -117,3 +117,61 @@ def inject_random(x: torch.Tensor, site_id: int, fused_heads: int, site: torch.T
         xor = xor ^ torch.where(owner[:, f:f + 1], per_entry[f:f + 1], 0)
     count.add_(hit.sum(dim=1))
     return (xs.view(lay.int_dtype) ^ xor.view(xs.shape)).view(x.dtype).view(x.shape)
+
+
+# -- check nodes --------------------------------------------------------------------------------
+def record_check(score: torch.Tensor, check_id: int, fused_heads: int, rows: torch.Tensor,
+                 max_score: torch.Tensor, first: torch.Tensor, samples: torch.Tensor) -> None:
+    """Accumulate one check's per-row scores (flagged iff > 1) into the detector state:
+    ``rows[c] += (rows checked, rows flagged)``, ``max_score[c]`` = largest score so far,
+    ``first[c]`` = flat index of the first flagged row of the first pass that flagged one,
+    ``samples[c, b] +=`` rows flagged in sample b. ``fused_heads`` un-fuses (B*H, ...) layouts."""
+    flags = score > 1
+    per_sample = flags.reshape(score.shape[0] // max(fused_heads, 1), -1).sum(dim=1)
+    samples[check_id, : per_sample.shape[0]] += per_sample
+    flagged = per_sample.sum()
+    rows[check_id, 0] += flags.numel()
+    rows[check_id, 1] += flagged
+    max_score[check_id] = torch.maximum(max_score[check_id], score.max().to(max_score.dtype))
+    flat = flags.reshape(-1)
+    index = torch.where(flat, torch.arange(flat.numel(), device=flat.device), flat.numel()).min()
+    first[check_id] = torch.where((first[check_id] < 0) & (flagged > 0), index, first[check_id])
+
+
+def scores_checksum_score(q: torch.Tensor, k_t: torch.Tensor, scores: torch.Tensor,
+                          scale: torch.Tensor | float | None, divide: bool) -> torch.Tensor:
+    """ABFT of the scaled attention scores ``scores = (q @ k_t) / scale`` (or ``* scale``);
+    the scale is the constant as the model holds it (a 0-d tensor or a Python number)."""
+    from .checks import matmul_checksum_score
+    if scale is None:
+        return matmul_checksum_score(q, k_t, scores)
+    if isinstance(scale, torch.Tensor):
+        factor = scale.to(torch.float64)
+        factor = 1.0 / factor if divide else factor
+    else:
+        factor = 1.0 / float(scale) if divide else float(scale)
+    return matmul_checksum_score(q, k_t, scores, scale=factor)
+
+
+def projection_checksum_score(x: torch.Tensor, heads: torch.Tensor, w_sum: torch.Tensor,
+                              w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None,
+                              b_abs_sum: torch.Tensor | None, *, scale: float | None,
+                              group_size: int) -> torch.Tensor:
+    """ABFT of a q/k/v projection seen through the per-head tensor ``heads`` (B, H, T, D) that
+    attention consumes: each head's sum over D against x·(W's head columns)·1 + Σ bias."""
+    from .checks import linear_checksum_score
+    batch, _, seq, _ = heads.shape
+    y_groups = heads.to(torch.float64).sum(-1).transpose(1, 2)  # [B, T, H]
+    return linear_checksum_score(x.reshape(batch, seq, x.shape[-1]), y_groups, w_sum, w_abs_sum,
+                                 b_sum, b_abs_sum, group_size=group_size, scale=scale,
+                                 out_dtype=heads.dtype)
+
+
+def output_checksum_score(x: torch.Tensor, y: torch.Tensor, w_sum: torch.Tensor,
+                          w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None,
+                          b_abs_sum: torch.Tensor | None) -> torch.Tensor:
+    """ABFT of the attention output projection: each row's sum against x·(W·1) + Σ bias."""
+    from .checks import linear_checksum_score
+    return linear_checksum_score(x, y.to(torch.float64).sum(-1, keepdim=True), w_sum, w_abs_sum,
+                                 b_sum, b_abs_sum, group_size=y.shape[-1],
+                                 out_dtype=y.dtype)[..., 0]

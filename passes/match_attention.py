@@ -15,6 +15,7 @@ product itself when q was scaled beforehand, as in DistilBERT and OPT).
 """
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class AttentionSite:
     scale_ops: list[fx.Node] = field(default_factory=list)
     mask_ops: list[fx.Node] = field(default_factory=list)
     dropout: fx.Node | None = None
+    scale: tuple[object, bool] | None = None  # (constant operand, divides?) of the scores' scaling
 
     def node(self, location: str) -> fx.Node:
         return {"q": self.q, "k": self.k, "v": self.v, "scores": self.scores,
@@ -193,13 +195,18 @@ def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
         if path is None:
             continue  # a softmax that is not attention (e.g. a classifier head)
         qk = path[0]
-        scores, scale_ops, mask_ops = qk, [], []
+        scores, scale_ops, mask_ops, scale = qk, [], [], None
         for prev, op in zip(path, path[1:]):
             if is_op(op, "mask", modules):
                 mask_ops.append(op)
             elif not mask_ops and is_op(op, "scale", modules) and _is_constant_scale(op, prev):
+                if scale_ops:
+                    raise AttentionNotFound(f"two scalings of {qk.name}: {scale_ops[0].name}, "
+                                            f"{op.name}")
                 scale_ops.append(op)
                 scores = op
+                operand = next(a for a in op.args if a is not prev)
+                scale = (operand, op.target in (operator.truediv, torch.div, "div", "__truediv__"))
         pv, passed = _forward_to(node, "matmul", ("cast", "dropout", "layout", "injection"),
                                  modules)
         if pv is None or (pv.args[0] is not node and pv.args[0] not in passed):
@@ -210,7 +217,8 @@ def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
         v_proj, v = _per_head(pv.args[1], modules)
         dropout = next((p for p in passed if is_op(p, "dropout", modules)), None)
         sites.append(AttentionSite(len(sites), q, k, v, q_proj, k_proj, v_proj, qk, scores,
-                                   logits, node, pv, out_proj, scale_ops, mask_ops, dropout))
+                                   logits, node, pv, out_proj, scale_ops, mask_ops, dropout,
+                                   scale))
     if not sites:
         raise AttentionNotFound("no attention found: no softmax fed by a matrix product")
     return sites

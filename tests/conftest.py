@@ -5,7 +5,7 @@ import functools
 
 import pytest
 
-from fxsdc.instrument import Instrumented, instrument
+from fxsdc.pipeline import Instrumented, instrument
 
 TINY_MODELS = ("gpt2", "distilbert-base-uncased", "bert-base-uncased", "facebook/opt-125m",
                "TinyLlama/TinyLlama-1.1B-Chat-v1.0")

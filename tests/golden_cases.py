@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fxsdc.instrument import instrument
+from fxsdc.pipeline import instrument
 from passes.graph_view import normalized_text
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

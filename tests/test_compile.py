@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from fxsdc.bits import flip_value
 from fxsdc.faults import Fault
-from fxsdc.instrument import compare_outputs, instrument
+from fxsdc.pipeline import compare_outputs, instrument
 
 pytestmark = pytest.mark.slow
 

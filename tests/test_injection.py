@@ -9,7 +9,7 @@ import torch
 
 from fxsdc.bits import flip_value, parse_dtype
 from fxsdc.faults import Fault, FaultInjector, InjectionConfig, InjectionLocation
-from fxsdc.instrument import compare_outputs, instrument
+from fxsdc.pipeline import compare_outputs, instrument
 from fxsdc.errors import UserError
 from passes.match_attention import LOCATIONS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxsdc.faults import Fault
-from fxsdc.instrument import compare_outputs, instrument
+from fxsdc.pipeline import compare_outputs, instrument
 
 SENTENCES = ["Silent data corruption returns a wrong number without raising any error.",
              "A fleet operator wants a detector with no false alarms.",

@@ -1,0 +1,241 @@
+"""Check insertion: put online detector nodes at each attention site.
+
+Each check reads the values that downstream ops actually consume (after any injection node) and
+compares them with an independent computation from the producing op's inputs (DESIGN section 4):
+
+- ``bounds``  — ε from (logits, weights) lies within the Lambert-W bounds (seed's "s@w");
+- ``softmax`` — weight rows sum to 1 and lie in [0, 1];
+- ``abft``    — checksums of q·kᵀ (against the consumed scaled scores), weights·v (against the
+  consumed output), and of the q/k/v and output projections per head.
+
+A check is two nodes: a pure score function from :mod:`fxsdc.checks` (row flagged iff
+score > 1) and :func:`fxsdc.runtime.record_check`, which accumulates rows checked, rows flagged,
+the largest score, the first flagged row and flagged rows per sample into device buffers. Nothing
+is read on the host inside forward.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import fx, nn
+
+from fxsdc import checks as check_math
+from fxsdc import runtime
+from fxsdc.bounds import lambertw_table
+
+from .graph_utils import clone_graph_module, insert_buffer_reads
+from .match_attention import AttentionSite, is_tensor, match_attention
+
+CHECKS = ("bounds", "softmax", "abft")
+STATE_PREFIX = "fxsdc_check_"
+W_TABLE = "fxsdc_lambertw"
+W_TABLE_KEYS = 1 << 16  # rows of up to 65536 keys
+
+
+@dataclass(frozen=True)
+class CheckInfo:
+    """One inserted check: which layer, which check, on which op."""
+
+    check_id: int
+    layer: int
+    check: str  # bounds, softmax, abft
+    op: str  # softmax, qk, pv, q_proj, k_proj, v_proj, out_proj
+    node: str  # the inserted score node
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def state_buffers(num_checks: int, samples: int, device: torch.device | str = "cpu"
+                  ) -> dict[str, torch.Tensor]:
+    """Fresh detector state for ``num_checks`` checks and up to ``samples`` samples per pass."""
+    return {"rows": torch.zeros(num_checks, 2, dtype=torch.int64, device=device),
+            "max": torch.zeros(num_checks, dtype=torch.float64, device=device),
+            "first": torch.full((num_checks,), -1, dtype=torch.int64, device=device),
+            "samples": torch.zeros(num_checks, samples, dtype=torch.int64, device=device)}
+
+
+def _module_params(gm: fx.GraphModule, proj: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                 fx.Node]:
+    """(weight as [K, N], bias, input node) of a projection: nn.Linear or addmm (GPT-2 Conv1D)."""
+    if proj.op == "call_module":
+        linear = gm.get_submodule(str(proj.target))
+        assert isinstance(linear, nn.Linear)
+        return linear.weight.detach().T, (None if linear.bias is None else linear.bias.detach()), \
+            proj.args[0]
+    if proj.target is torch.addmm:
+        bias, x, weight = proj.args[:3]
+        fetch = lambda n: gm.get_parameter(str(n.target)).detach()  # noqa: E731
+        return fetch(weight), fetch(bias), x
+    raise NotImplementedError(f"ABFT for projection {proj.format_node()}")
+
+
+class _Probe(fx.Interpreter):
+    """Run the graph with each projection's output replaced by a probe, capturing the per-head
+    tensors: it shows which output columns (and which constant scale) reach each head."""
+
+    def __init__(self, gm: fx.GraphModule, probes: dict[fx.Node, float | None],
+                 capture: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.probes, self.capture, self.values = probes, capture, {}
+
+    def run_node(self, n: fx.Node):
+        if n in self.probes:
+            # Column indices are exact in the projection's own dtype up to 2^24 (float32).
+            meta = n.meta["tensor_meta"]
+            shape = meta.shape
+            columns = torch.arange(shape[-1], dtype=meta.dtype)
+            fill = self.probes[n]
+            result = (columns if fill is None else torch.full_like(columns, fill)).expand(shape)
+            return result.contiguous()
+        result = super().run_node(n)
+        if n in self.capture:
+            self.values[n] = result
+            if len(self.values) == len(self.capture):
+                raise _ProbeDone
+        return result
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+def _probe(gm: fx.GraphModule, example: dict[str, torch.Tensor], projections: list[fx.Node],
+           heads: list[fx.Node], fill: float | None) -> dict[fx.Node, torch.Tensor]:
+    interp = _Probe(gm, {p: fill for p in projections}, set(heads))
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        try:
+            interp.run(*(example[p] for p in placeholders))
+        except _ProbeDone:
+            pass
+    return interp.values
+
+
+def head_columns(gm: fx.GraphModule, example: dict[str, torch.Tensor],
+                 pairs: list[tuple[fx.Node, fx.Node]]) -> list[tuple[torch.Tensor, float]]:
+    """For each (projection, per-head node) pair: the projection's output columns feeding each
+    head, as an [H, D] index tensor, and the constant the model scales them by on the way."""
+    projections = [p for p, _ in pairs]
+    heads = [h for _, h in pairs]
+    ones = _probe(gm, example, projections, heads, 1.0)
+    cols = _probe(gm, example, projections, heads, None)
+    result = []
+    for proj, head in pairs:
+        scale_t, col_t = ones[head].double(), cols[head].double()  # [B, H, T, D]
+        scale = float(scale_t.flatten()[0])
+        index = torch.round(col_t / scale)
+        if not (torch.all(scale_t == scale) and torch.all(index == index[:1, :, :1, :])):
+            raise NotImplementedError(f"{head.name} is not a fixed column selection of "
+                                      f"{proj.name}")
+        result.append((index[0, :, 0, :].long(), scale))
+    return result
+
+
+def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *,
+                  checks: Sequence[str] = CHECKS, layers: Sequence[int] | None = None
+                  ) -> fx.GraphModule:
+    """Return a copy of ``gm`` with the chosen checks at each chosen layer's attention.
+
+    ``gm`` carries shape metadata (and may already hold injection nodes, which the checks read
+    through). ``example_inputs`` run the graph once with probes, to learn which projection
+    columns feed each head. The result has ``meta["fxsdc_checks"]`` (a list of
+    :class:`CheckInfo`) and the detector state buffers ``fxsdc_check_*``.
+    """
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; choose from {CHECKS}")
+    gm = clone_graph_module(gm)
+    attention = match_attention(gm)
+    chosen = [attention[i] for i in (range(len(attention)) if layers is None else layers)]
+    graph = gm.graph
+    if "bounds" in checks:
+        gm.register_buffer(W_TABLE, lambertw_table(W_TABLE_KEYS))
+    example = next(n for n in graph.nodes if n.op == "placeholder" and is_tensor(n))
+    batch = example.meta["tensor_meta"].shape[0]
+
+    infos: list[CheckInfo] = []
+    pending: list[tuple[fx.Node, int, int]] = []  # (score node, check id, fused heads)
+
+    def add(layer: int, check: str, op: str, after: fx.Node, fn, args: tuple,
+            kwargs: dict | None = None, batch_dim_node: fx.Node | None = None) -> None:
+        with graph.inserting_after(after):
+            node = graph.create_node("call_function", fn, args, kwargs or {},
+                                     name=f"fxsdc_{check}_{op}_{layer}")
+        node.meta["fxsdc_check"] = (layer, check, op)
+        lead = (batch_dim_node or after).meta["tensor_meta"].shape[0]
+        pending.append((node, len(infos), 0 if lead == batch else lead // batch))
+        infos.append(CheckInfo(len(infos), layer, check, op, node.name))
+
+    projections: list[tuple[AttentionSite, str]] = []
+    for site in chosen:
+        weights = site.consumed("weights")
+        if "bounds" in checks:
+            (table,) = insert_buffer_reads(gm, [W_TABLE])
+            add(site.layer, "bounds", "softmax", weights, check_math.softmax_bounds_score,
+                (site.logits, weights, table), batch_dim_node=site.logits)
+        if "softmax" in checks:
+            add(site.layer, "softmax", "softmax", weights, check_math.softmax_sum_score,
+                (weights, site.logits), batch_dim_node=site.logits)
+        if "abft" in checks:
+            scores = site.consumed("scores")
+            add(site.layer, "abft", "qk", scores, runtime.scores_checksum_score,
+                (site.qk.args[0], site.qk.args[1], scores, *(site.scale or (None, False))),
+                batch_dim_node=site.qk)
+            out = site.consumed("out")
+            add(site.layer, "abft", "pv", out, check_math.matmul_checksum_score,
+                (site.pv.args[0], site.pv.args[1], out), batch_dim_node=site.pv)
+            projections.extend((site, loc) for loc in ("q", "k", "v"))
+
+    if projections:
+        pairs = [(s.projection(loc), s.node(loc)) for s, loc in projections]
+        for (site, loc), (columns, scale) in zip(projections, head_columns(gm, example_inputs,
+                                                                           pairs)):
+            weight, bias, x = _module_params(gm, site.projection(loc))
+            prefix = f"fxsdc_abft_{loc}_{site.layer}_"
+            w = weight.double()[:, columns]  # [K, H, D]
+            sums = {"w_sum": w.sum(-1), "w_abs_sum": w.abs().sum(-1)}
+            if bias is not None:
+                b = bias.double()[columns]
+                sums.update(b_sum=b.sum(-1), b_abs_sum=b.abs().sum(-1))
+            for name, value in sums.items():
+                gm.register_buffer(prefix + name, value.contiguous())
+            reads = insert_buffer_reads(gm, [prefix + n for n in sums])
+            if bias is None:
+                reads += [None, None]
+            heads = site.consumed(loc)
+            add(site.layer, "abft", f"{loc}_proj", heads, runtime.projection_checksum_score,
+                (x, heads, *reads), {"scale": None if scale == 1.0 else scale,
+                                     "group_size": columns.shape[1]})
+        for site in {s.layer: s for s, _ in projections}.values():
+            if site.out_proj is None:
+                continue
+            weight, bias, x = _module_params(gm, site.out_proj)
+            prefix = f"fxsdc_abft_out_{site.layer}_"
+            w = weight.double()
+            sums = {"w_sum": w.sum(-1, keepdim=True), "w_abs_sum": w.abs().sum(-1, keepdim=True)}
+            if bias is not None:
+                sums.update(b_sum=bias.double().sum().reshape(1),
+                            b_abs_sum=bias.double().abs().sum().reshape(1))
+            for name, value in sums.items():
+                gm.register_buffer(prefix + name, value.contiguous())
+            reads = insert_buffer_reads(gm, [prefix + n for n in sums])
+            if bias is None:
+                reads += [None, None]
+            add(site.layer, "abft", "out_proj", site.out_proj, runtime.output_checksum_score,
+                (x, site.out_proj, *reads))
+
+    for name, value in state_buffers(len(infos), batch).items():
+        gm.register_buffer(STATE_PREFIX + name, value)
+    state = insert_buffer_reads(gm, [STATE_PREFIX + n for n in ("rows", "max", "first",
+                                                                "samples")])
+    for score, check_id, fused in pending:
+        with graph.inserting_after(score):
+            graph.create_node("call_function", runtime.record_check,
+                              (score, check_id, fused, *state), name=f"{score.name}_record")
+    graph.lint()
+    gm.recompile()
+    gm.meta["fxsdc_checks"] = infos
+    return gm
