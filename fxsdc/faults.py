@@ -72,7 +72,7 @@ class FaultController:
         self.sites: list[SiteInfo] = gm.meta["fxsdc_sites"]
         self.fault_model: str = gm.meta["fxsdc_fault_model"]
         self._by_key = {(s.layer, s.location): s for s in self.sites}
-        self._armed: list[Fault] = []
+        self._armed: list[tuple[Fault, int]] = []  # (fault, its slot in the table)
 
     # -- validation ---------------------------------------------------------------------------
     def site(self, layer: int, location: str) -> SiteInfo:
@@ -136,18 +136,29 @@ class FaultController:
             raise UserError("this module was instrumented for probabilistic faults; "
                             "use set_random()")
         faults = list(faults)
-        table = self._table(len(faults))
-        for f, fault in enumerate(faults):
+        # Faults on the same element share one slot, their masks XORed: flips compose.
+        slot_of: dict[tuple[int, int, int], int] = {}
+        entries: list[list[int]] = []  # [site, batch, pos, mask]
+        armed = []
+        for fault in faults:
             site = self.validate(fault, batch_size, seq_len)
             flat = 0
             for i, size in zip(fault.index[1:], site.shape_for(seq_len)):
                 flat = flat * size + i
-            table["site"][f] = site.site_id
-            table["batch"][f] = fault.index[0]
-            table["pos"][f] = flat
-            table["mask"][f] = xor_mask(fault.bits, parse_dtype(site.dtype))
+            key = (site.site_id, fault.index[0], flat)
+            mask = xor_mask(fault.bits, parse_dtype(site.dtype))
+            if key in slot_of:
+                entries[slot_of[key]][3] ^= mask
+            else:
+                slot_of[key] = len(entries)
+                entries.append([*key, mask])
+            armed.append((fault, slot_of[key]))
+        table = self._table(len(entries))
+        for f, (site_id, batch, pos, mask) in enumerate(entries):
+            table["site"][f], table["batch"][f], table["pos"][f] = site_id, batch, pos
+            table["mask"][f] = mask
         self._write(table)
-        self._armed = faults
+        self._armed = armed
 
     def set_random(self, layer: int, location: str, rates: Sequence[float],
                    seeds: Sequence[int], bits: Sequence[int] | None = None) -> None:
@@ -168,7 +179,8 @@ class FaultController:
         if bits:
             table["mask"][:n] = xor_mask(bits, parse_dtype(site.dtype))
         self._write(table)
-        self._armed = [Fault(layer, site.location, (b,), tuple(bits or ())) for b in range(n)]
+        self._armed = [(Fault(layer, site.location, (b,), tuple(bits or ())), b)
+                       for b in range(n)]
 
     def clear(self) -> None:
         """Switch every fault off (the table keeps its number of slots)."""
@@ -182,12 +194,12 @@ class FaultController:
         if self.fault_model != "bitflip":
             count = getattr(self.gm, BUFFER_PREFIX + "count").cpu().tolist()
             return [{"layer": f.layer, "location": f.location, "batch": f.index[0],
-                     "flips": count[i]} for i, f in enumerate(self._armed)]
+                     "flips": count[i]} for f, i in self._armed]
         before = getattr(self.gm, BUFFER_PREFIX + "before").cpu().tolist()
         after = getattr(self.gm, BUFFER_PREFIX + "after").cpu().tolist()
         return [{"layer": f.layer, "location": f.location, "index": list(f.index),
                  "bits": list(f.bits), "before": before[i], "after": after[i]}
-                for i, f in enumerate(self._armed)]
+                for f, i in self._armed]
 
 
 # -- the seed's tensor-level API ----------------------------------------------------------------

@@ -57,13 +57,22 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
     active = site == site_id
     safe_pos = pos.clamp(0, numel - 1)
     safe_batch = batch.clamp(0, xs.shape[0] - 1)
-    # Each element's sample and logical offset within it, broadcast to the per-sample view.
-    offset = torch.arange(numel, device=x.device).view(sample_shape)
-    sample = torch.arange(xs.shape[0], device=x.device).view((-1,) + (1,) * len(sample_shape))
-    xor = torch.zeros((), dtype=int_dtype, device=x.device)
-    for f in range(site.shape[0]):  # slots: a static count
-        hit = (offset == safe_pos[f]) & (sample == safe_batch[f]) & active[f]
-        xor = xor | torch.where(hit, mask[f].to(int_dtype), 0)
+    if torch.compiler.is_compiling():
+        # Compiled: a pointwise comparison per slot, which inductor fuses into the kernels that
+        # produce or consume x, so an idle injection node costs no extra pass over memory.
+        offset = torch.arange(numel, device=x.device).view(sample_shape)
+        sample = torch.arange(xs.shape[0], device=x.device).view((-1,) + (1,) * len(sample_shape))
+        xor = torch.zeros((), dtype=int_dtype, device=x.device)
+        for f in range(site.shape[0]):  # slots: a static count
+            hit = (offset == safe_pos[f]) & (sample == safe_batch[f]) & active[f]
+            xor = xor | torch.where(hit, mask[f].to(int_dtype), 0)
+    else:
+        # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
+        # slots write 0 to a spare last element; the host merges slots that share an element.
+        total = xs.numel()
+        target = torch.where(active, safe_batch * numel + safe_pos, total)
+        xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
+            (target,), mask.to(int_dtype))[:total].view(xs.shape)
     flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
 
     index = (safe_batch,) + _unravel(safe_pos, sample_shape)
@@ -120,14 +129,15 @@ def inject_random(x: torch.Tensor, site_id: int, fused_heads: int, site: torch.T
 
 
 # -- check nodes --------------------------------------------------------------------------------
-def record_check(score: torch.Tensor, check_id: int, fused_heads: int, rows: torch.Tensor,
+def record_check(score: torch.Tensor, check_id: int, batch_ref: torch.Tensor, rows: torch.Tensor,
                  max_score: torch.Tensor, first: torch.Tensor, samples: torch.Tensor) -> None:
     """Accumulate one check's per-row scores (flagged iff > 1) into the detector state:
     ``rows[c] += (rows checked, rows flagged)``, ``max_score[c]`` = largest score so far,
     ``first[c]`` = flat index of the first flagged row of the first pass that flagged one,
-    ``samples[c, b] +=`` rows flagged in sample b. ``fused_heads`` un-fuses (B*H, ...) layouts."""
+    ``samples[c, b] +=`` rows flagged in sample b. Scores are batch-major in every layout
+    ((B, H, T), (B*H, T), (B*T,)), so the model input ``batch_ref`` (B, T) splits them by sample."""
     flags = score > 1
-    per_sample = flags.reshape(score.shape[0] // max(fused_heads, 1), -1).sum(dim=1)
+    per_sample = flags.reshape(batch_ref.shape[0], -1).sum(dim=1)
     samples[check_id, : per_sample.shape[0]] += per_sample
     flagged = per_sample.sum()
     rows[check_id, 0] += flags.numel()

@@ -154,19 +154,18 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
     if "bounds" in checks:
         gm.register_buffer(W_TABLE, lambertw_table(W_TABLE_KEYS))
     example = next(n for n in graph.nodes if n.op == "placeholder" and is_tensor(n))
-    batch = example.meta["tensor_meta"].shape[0]
+    batch = example.meta["tensor_meta"].shape[0]  # input_ids: (B, T)
 
     infos: list[CheckInfo] = []
-    pending: list[tuple[fx.Node, int, int]] = []  # (score node, check id, fused heads)
+    pending: list[tuple[fx.Node, int]] = []  # (score node, check id)
 
     def add(layer: int, check: str, op: str, after: fx.Node, fn, args: tuple,
-            kwargs: dict | None = None, batch_dim_node: fx.Node | None = None) -> None:
+            kwargs: dict | None = None) -> None:
         with graph.inserting_after(after):
             node = graph.create_node("call_function", fn, args, kwargs or {},
                                      name=f"fxsdc_{check}_{op}_{layer}")
         node.meta["fxsdc_check"] = (layer, check, op)
-        lead = (batch_dim_node or after).meta["tensor_meta"].shape[0]
-        pending.append((node, len(infos), 0 if lead == batch else lead // batch))
+        pending.append((node, len(infos)))
         infos.append(CheckInfo(len(infos), layer, check, op, node.name))
 
     projections: list[tuple[AttentionSite, str]] = []
@@ -175,18 +174,17 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
         if "bounds" in checks:
             (table,) = insert_buffer_reads(gm, [W_TABLE])
             add(site.layer, "bounds", "softmax", weights, check_math.softmax_bounds_score,
-                (site.logits, weights, table), batch_dim_node=site.logits)
+                (site.logits, weights, table))
         if "softmax" in checks:
             add(site.layer, "softmax", "softmax", weights, check_math.softmax_sum_score,
-                (weights, site.logits), batch_dim_node=site.logits)
+                (weights, site.logits))
         if "abft" in checks:
             scores = site.consumed("scores")
             add(site.layer, "abft", "qk", scores, runtime.scores_checksum_score,
-                (site.qk.args[0], site.qk.args[1], scores, *(site.scale or (None, False))),
-                batch_dim_node=site.qk)
+                (site.qk.args[0], site.qk.args[1], scores, *(site.scale or (None, False))))
             out = site.consumed("out")
             add(site.layer, "abft", "pv", out, check_math.matmul_checksum_score,
-                (site.pv.args[0], site.pv.args[1], out), batch_dim_node=site.pv)
+                (site.pv.args[0], site.pv.args[1], out))
             projections.extend((site, loc) for loc in ("q", "k", "v"))
 
     if projections:
@@ -231,10 +229,10 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
         gm.register_buffer(STATE_PREFIX + name, value)
     state = insert_buffer_reads(gm, [STATE_PREFIX + n for n in ("rows", "max", "first",
                                                                 "samples")])
-    for score, check_id, fused in pending:
+    for score, check_id in pending:
         with graph.inserting_after(score):
             graph.create_node("call_function", runtime.record_check,
-                              (score, check_id, fused, *state), name=f"{score.name}_record")
+                              (score, check_id, example, *state), name=f"{score.name}_record")
     graph.lint()
     gm.recompile()
     gm.meta["fxsdc_checks"] = infos

@@ -167,3 +167,16 @@ class TestSeedInjector:
         with pytest.raises(UserError):
             FaultInjector(InjectionConfig("q", idx=(0, 0), bit=16)).inject(
                 torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+def test_faults_on_the_same_element_compose():
+    result = tiny_instrumented("gpt2")
+    x = result.example
+    fault_a = Fault(0, "q", (1, 2, 3, 4), (30,))
+    fault_b = Fault(0, "q", (1, 2, 3, 4), (3, 30))  # bit 30 twice cancels: net flip of bit 3
+    result.faults.set_faults([fault_a, fault_b], 3, 13)
+    result(**x)
+    records = result.faults.applied()
+    result.faults.clear()
+    assert result.faults.slots >= 1 and records[0] == {**records[1], "bits": [30]}
+    assert records[0]["after"] == flip_value(records[0]["before"], [3], torch.float32)
