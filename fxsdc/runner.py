@@ -19,7 +19,6 @@ already holds, and shard by (config, batch) so that one batch's passes stay in o
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -218,8 +217,8 @@ class ExperimentResult:
         injected = self.kind == "injected"
         return TrialRecord(
             trial_id=self.trial_id, config_id=cfg.config_id, exp_name=cfg.exp_name,
-            model=model_label(cfg), dataset=self.dataset or cfg.dataset_name, dtype=cfg.dtype, seed=cfg.seed,
-            run_index=self.ordinal, kind=self.kind, reference=cfg.reference,
+            model=model_label(cfg), dataset=self.dataset or cfg.dataset_name, dtype=cfg.dtype,
+            seed=cfg.seed, run_index=self.ordinal, kind=self.kind, reference=cfg.reference,
             fault_model=cfg.fault_model if injected else None, layer=self.layer,
             location=self.location, bit=min(self.bits) if self.bits else None,
             bits=json.dumps(list(self.bits)) if self.bits else None,
