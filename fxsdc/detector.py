@@ -61,13 +61,16 @@ class Detector:
                 for info, r, m, f, s in zip(self.checks, rows, best, first, samples)]
 
     def flagged_samples(self) -> dict[str, list[bool]]:
-        """Per check name (bounds, softmax, abft): which samples of the batch any of its nodes
-        flagged — one independent verdict per trial when each sample carries one fault."""
+        """Per check name (bounds, softmax, abft, bounds-qo): which samples of the batch any of its
+        nodes flagged — one verdict per trial when each sample carries one fault. With both
+        bounds paths, "comb" is the seed's combination: either flagged."""
         verdicts: dict[str, list[bool]] = {}
         for reading in self.read():
             per = verdicts.setdefault(reading.info.check, [False] * self._batch)
             for b, count in enumerate(reading.per_sample):
                 per[b] = per[b] or count > 0
+        if "bounds" in verdicts and "bounds-qo" in verdicts:
+            verdicts["comb"] = [a or b for a, b in zip(verdicts["bounds"], verdicts["bounds-qo"])]
         return verdicts
 
     def total_flagged(self) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from passes.insert_checks import CHECKS, CheckInfo, insert_checks
+from passes.insert_checks import (CHECKS, CheckInfo, KNotEqualV, head_columns, insert_checks,
+                                  projection_params)
 from passes.insert_injection import FAULT_MODELS, SiteInfo, insert_fault_injection
 from passes.match_attention import LOCATIONS, AttentionNotFound, match_attention
 from passes.shapes import propagate_shapes
@@ -75,11 +76,14 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
                layers: Sequence[int] | None = None, checks: Sequence[str] = (),
                fault_model: str = "bitflip",
                slots: int = 1, tiny: bool = False, pretrained: bool | None = None,
+               force_kv_equal: bool = False,
                dtype: torch.dtype = torch.float32,
                example_inputs: dict[str, torch.Tensor] | None = None) -> Instrumented:
     """Trace ``model`` (a registry name or a loaded HF model), insert injection nodes at the
     chosen (layer, location) sites and the chosen ``checks`` (bounds, softmax, abft) at the
-    chosen layers; every fault starts switched off."""
+    chosen layers; every fault starts switched off. ``force_kv_equal`` copies each layer's key
+    projection into its value projection first (in place, as the seed did), which the q@o bounds
+    (checks ``bounds-qo``, ``comb``) need."""
     locations = [InjectionLocation.parse(loc).value for loc in locations]
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
@@ -107,11 +111,34 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
     except AttentionNotFound as exc:
         raise UserError(f"{type(model).__name__}: {exc}") from None
     chosen = _parse_layers(layers, num_layers)
+    if force_kv_equal:
+        copy_keys_into_values(original, example_inputs)
     gm = insert_fault_injection(original, locations=locations, layers=chosen,
                                 fault_model=fault_model, slots=slots)
     if checks:
-        gm = insert_checks(gm, example_inputs, checks=checks, layers=chosen)
+        try:
+            gm = insert_checks(gm, example_inputs, checks=checks, layers=chosen)
+        except KNotEqualV as exc:
+            raise UserError(str(exc)) from None
     return Instrumented(gm, gm.meta["fxsdc_sites"], original, example_inputs, loaded)
+
+
+@torch.no_grad()
+def copy_keys_into_values(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor]) -> None:
+    """Make V = K in every layer: copy the key projection's columns feeding each head into the
+    value projection's (fused QKV weights included). Modifies the model's parameters."""
+    sites = match_attention(gm)
+    pairs = [pair for s in sites for pair in ((s.k_proj, s.k), (s.v_proj, s.v))]
+    columns = head_columns(gm, example_inputs, pairs)
+    for i in range(0, len(pairs), 2):
+        (k_cols, k_scale), (v_cols, v_scale) = columns[i], columns[i + 1]
+        if k_cols.shape != v_cols.shape or k_scale != v_scale:
+            raise UserError("force_kv_equal: keys and values have different shapes or scales")
+        k_weight, k_bias, _ = projection_params(gm, pairs[i][0])
+        v_weight, v_bias, _ = projection_params(gm, pairs[i + 1][0])
+        v_weight[:, v_cols.flatten()] = k_weight[:, k_cols.flatten()]
+        if k_bias is not None and v_bias is not None:
+            v_bias[v_cols.flatten()] = k_bias[k_cols.flatten()]
 
 
 def compare_outputs(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, float]:

@@ -185,3 +185,52 @@ def output_checksum_score(x: torch.Tensor, y: torch.Tensor, w_sum: torch.Tensor,
     return linear_checksum_score(x, y.to(torch.float64).sum(-1, keepdim=True), w_sum, w_abs_sum,
                                  b_sum, b_abs_sum, group_size=y.shape[-1],
                                  out_dtype=y.dtype)[..., 0]
+
+
+def qo_bounds_score(logits: torch.Tensor, weights: torch.Tensor, q: torch.Tensor,
+                    o: torch.Tensor, v: torch.Tensor, w_table: torch.Tensor,
+                    scale: torch.Tensor | float | None, divide: bool) -> torch.Tensor:
+    """The seed's "q@o" path: ε = a* − s·(q·o) against the same Lambert-W bounds as s@w.
+
+    Valid only where K = V (the pass checks it): then s·Σ_j w_j q·k_j = s·q·Σ_j w_j v_j. ``q``,
+    ``o`` (the consumed weights·v output) and ``v`` are in the product's layout, rows matching
+    ``logits``. Tolerance: the s@w tolerance of the stored (logits, weights) plus the distance
+    between Σ_j w_j a_j and s·q·o, row i, D = head dim, n = keys, u_acc = the GEMMs'
+    accumulation roundoff, u_out = o's unit roundoff, P = |q|·(|w| |V|) (= Σ_j |w_j| |q|·|v_j|):
+      logits:  a_j = fl(s fl(q·k_j)) errs by ≤ |s| γ_D(u_acc) |q|·|k_j| + γ_3(u_out) |a_j|
+               (product rounding, the scale's conversion, the scaling), weighted: |s| γ_D P +
+               γ_3(u_out) Σ_j |w_j a_j|;
+      output:  o_d = fl(Σ_j w_j v_jd) errs by ≤ γ_n(u_acc) (|w||V|)_d + u_out |o_d|, so s·q·o errs
+               by ≤ |s| (γ_n(u_acc) P + u_out |q|·|o|);
+      check:   float64 arithmetic, covered by the slack of the s@w tolerance's evaluation.
+    """
+    from .checks import (_finish, default_gemm_roundoff, gamma, softmax_bounds_tolerance,
+                         softmax_row_stats, unit_roundoff)
+    stats = softmax_row_stats(logits, weights, w_table)
+    tol = softmax_bounds_tolerance(stats, weights.dtype, logits.shape[-1])
+    if scale is None:
+        s: torch.Tensor | float = 1.0
+    elif isinstance(scale, torch.Tensor):
+        s = 1.0 / scale.to(torch.float64) if divide else scale.to(torch.float64)
+    else:
+        s = 1.0 / float(scale) if divide else float(scale)
+    q64, o64 = q.to(torch.float64), o.to(torch.float64)
+    w_abs_v = torch.matmul(weights.to(torch.float64).abs(), v.to(torch.float64).abs())
+    p_abs = (q64.abs() * w_abs_v).sum(-1)
+    s_abs = abs(s) if isinstance(s, float) else s.abs()
+    _, u_acc = default_gemm_roundoff(o.dtype)
+    u_out = unit_roundoff(o.dtype)
+    n, d = logits.shape[-1], q.shape[-1]
+    # Near underflow a rounding errs absolutely: n products of the output GEMM may flush to
+    # zero (fp32 accumulator's smallest normal each) and o itself by its dtype's smallest normal.
+    underflow = q64.abs().sum(-1) * (n * torch.finfo(torch.float32).tiny
+                                     + torch.finfo(o.dtype).tiny)
+    extra = (s_abs * ((gamma(d, u_acc) + gamma(n, u_acc)) * p_abs
+                      + u_out * (q64.abs() * o64.abs()).sum(-1) + underflow)
+             + gamma(3, u_out) * stats["m1"])
+    eps = stats["a_star"] - s * (q64 * o64).sum(-1)
+    lower = torch.maximum(stats["lower1"], stats["middle"])
+    upper = torch.minimum(stats["upper1"], stats["upper2"])
+    violation = torch.maximum(lower - eps, eps - upper).clamp(min=0)
+    nonfinite = stats["nonfinite"] | ~torch.isfinite(eps)
+    return _finish(violation, tol + extra, nonfinite, stats["checkable"])

@@ -29,6 +29,6 @@ def trace(model: torch.nn.Module, input_names: tuple[str, ...] = INPUT_NAMES) ->
     except (NotImplementedError, ValueError) as exc:
         raise UserError(f"Hugging Face's fx tracer cannot trace {type(model).__name__}: "
                         f"{str(exc).splitlines()[0]}") from None
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    # No dead-code elimination here: the tracer records in-place ops such as OPT's causal
+    # ``mask.masked_fill_(...)`` as nodes without users, and removing them changes the model.
     return gm

@@ -6,7 +6,10 @@ compares them with an independent computation from the producing op's inputs (DE
 - ``bounds``  — ε from (logits, weights) lies within the Lambert-W bounds (seed's "s@w");
 - ``softmax`` — weight rows sum to 1 and lie in [0, 1];
 - ``abft``    — checksums of q·kᵀ (against the consumed scaled scores), weights·v (against the
-  consumed output), and of the q/k/v and output projections per head.
+  consumed output), and of the q/k/v and output projections per head;
+- ``bounds-qo`` — the seed's "q@o" path, ε = a* − s·q·o, only where K = V (the pass verifies it
+  on the example input; :func:`fxsdc.pipeline.instrument` can force it); ``comb`` inserts both
+  bounds checks and a detector reads "comb" as either flagging.
 
 A check is two nodes: a pure score function from :mod:`fxsdc.checks` (row flagged iff
 score > 1) and :func:`fxsdc.runtime.record_check`, which accumulates rows checked, rows flagged,
@@ -28,7 +31,7 @@ from fxsdc.bounds import lambertw_table
 from .graph_utils import clone_graph_module, insert_buffer_reads
 from .match_attention import AttentionSite, is_tensor, match_attention
 
-CHECKS = ("bounds", "softmax", "abft")
+CHECKS = ("bounds", "softmax", "abft", "bounds-qo", "comb")
 STATE_PREFIX = "fxsdc_check_"
 W_TABLE = "fxsdc_lambertw"
 W_TABLE_KEYS = 1 << 16  # rows of up to 65536 keys
@@ -57,9 +60,10 @@ def state_buffers(num_checks: int, samples: int, device: torch.device | str = "c
             "samples": torch.zeros(num_checks, samples, dtype=torch.int64, device=device)}
 
 
-def _module_params(gm: fx.GraphModule, proj: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None,
+def projection_params(gm: fx.GraphModule, proj: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                  fx.Node]:
-    """(weight as [K, N], bias, input node) of a projection: nn.Linear or addmm (GPT-2 Conv1D)."""
+    """(weight as [K, N], bias, input node) of a projection: nn.Linear or addmm (GPT-2 Conv1D).
+    The tensors share the module's storage."""
     if proj.op == "call_module":
         linear = gm.get_submodule(str(proj.target))
         assert isinstance(linear, nn.Linear)
@@ -134,6 +138,22 @@ def head_columns(gm: fx.GraphModule, example: dict[str, torch.Tensor],
     return result
 
 
+class KNotEqualV(ValueError):
+    """The q@o bounds path needs K = V."""
+
+
+def _require_k_equals_v(gm: fx.GraphModule, example: dict[str, torch.Tensor],
+                        sites: list[AttentionSite]) -> None:
+    """Check on the example input that the keys and values attention consumes are equal."""
+    nodes = [n for s in sites for n in (s.qk.args[1], s.pv.args[1])]
+    values = _probe(gm, example, [], nodes, None)
+    for site in sites:
+        k_t, v = values[site.qk.args[1]], values[site.pv.args[1]]
+        if k_t.shape[-2:] != v.shape[-2:][::-1] or not torch.equal(k_t.transpose(-1, -2), v):
+            raise KNotEqualV(f"the q@o bounds need K = V, and layer {site.layer} has K != V "
+                             "(instrument with force_kv_equal=True, as the seed did)")
+
+
 def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *,
                   checks: Sequence[str] = CHECKS, layers: Sequence[int] | None = None
                   ) -> fx.GraphModule:
@@ -147,11 +167,15 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise ValueError(f"unknown check(s) {unknown}; choose from {CHECKS}")
+    if "comb" in checks:
+        checks = [c for c in checks if c != "comb"] + ["bounds", "bounds-qo"]
     gm = clone_graph_module(gm)
     attention = match_attention(gm)
     chosen = [attention[i] for i in (range(len(attention)) if layers is None else layers)]
     graph = gm.graph
-    if "bounds" in checks:
+    if "bounds-qo" in checks:
+        _require_k_equals_v(gm, example_inputs, chosen)
+    if "bounds" in checks or "bounds-qo" in checks:
         gm.register_buffer(W_TABLE, lambertw_table(W_TABLE_KEYS))
     example = next(n for n in graph.nodes if n.op == "placeholder" and is_tensor(n))
     batch = example.meta["tensor_meta"].shape[0]  # input_ids: (B, T)
@@ -175,6 +199,12 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
             (table,) = insert_buffer_reads(gm, [W_TABLE])
             add(site.layer, "bounds", "softmax", weights, check_math.softmax_bounds_score,
                 (site.logits, weights, table))
+        if "bounds-qo" in checks:
+            (table,) = insert_buffer_reads(gm, [W_TABLE])
+            out = site.consumed("out")
+            add(site.layer, "bounds-qo", "softmax", out, runtime.qo_bounds_score,
+                (site.logits, weights, site.qk.args[0], out, site.pv.args[1], table,
+                 *(site.scale or (None, False))))
         if "softmax" in checks:
             add(site.layer, "softmax", "softmax", weights, check_math.softmax_sum_score,
                 (weights, site.logits))
@@ -191,7 +221,7 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
         pairs = [(s.projection(loc), s.node(loc)) for s, loc in projections]
         for (site, loc), (columns, scale) in zip(projections, head_columns(gm, example_inputs,
                                                                            pairs)):
-            weight, bias, x = _module_params(gm, site.projection(loc))
+            weight, bias, x = projection_params(gm, site.projection(loc))
             prefix = f"fxsdc_abft_{loc}_{site.layer}_"
             w = weight.double()[:, columns]  # [K, H, D]
             sums = {"w_sum": w.sum(-1), "w_abs_sum": w.abs().sum(-1)}
@@ -210,7 +240,7 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
         for site in {s.layer: s for s, _ in projections}.values():
             if site.out_proj is None:
                 continue
-            weight, bias, x = _module_params(gm, site.out_proj)
+            weight, bias, x = projection_params(gm, site.out_proj)
             prefix = f"fxsdc_abft_out_{site.layer}_"
             w = weight.double()
             sums = {"w_sum": w.sum(-1, keepdim=True), "w_abs_sum": w.abs().sum(-1, keepdim=True)}

@@ -27,6 +27,11 @@ CASES: dict[str, Callable[[], str]] = {
     "llama_inject_all": _injected("TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
     "gpt2_inject_scores_layer1_probabilistic": _injected(
         "gpt2", locations=["scores"], layers=[1], fault_model="probabilistic"),
+    "gpt2_checks_layer1": _injected("gpt2", layers=[1], checks=["bounds", "softmax", "abft"]),
+    "opt_checks_comb_layer0": _injected("facebook/opt-125m", layers=[0], locations=["weights"],
+                                        checks=["comb", "abft"], force_kv_equal=True),
+    "llama_checks_layer0": _injected("TinyLlama/TinyLlama-1.1B-Chat-v1.0", layers=[0],
+                                     checks=["bounds", "softmax", "abft"]),
 }
 
 

@@ -139,3 +139,40 @@ def _minilm_checked(samples: int):
     batch = {k: v.repeat(samples // v.shape[0] + 1, 1)[:samples] for k, v in inputs.items()}
     return instrument(loaded.model, checks=ALL_CHECKS, layers=[3], example_inputs=batch,
                       slots=samples)
+
+
+@functools.lru_cache(maxsize=None)
+def kv_equal(name: str):
+    return instrument(name, tiny=True, checks=("comb",), force_kv_equal=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased", "facebook/opt-125m"])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 4), seq=st.integers(2, 24),
+       pads=st.lists(st.integers(0, 23), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_q_at_o_bounds_raise_no_false_alarm_when_k_equals_v(name, batch, seq, pads, seed):
+    assert flagged_rows(kv_equal(name), random_inputs(512, batch, seq, pads, seed)) == []
+
+
+def test_comb_flags_what_either_bounds_path_flags():
+    result = kv_equal("gpt2")
+    faults = [Fault(1, "weights", (0, 1, 5, 3), (30,)), Fault(1, "out", (1, 1, 5, 3), (30,))]
+    result.faults.set_faults(faults, 3, 13)
+    result.detector.reset(3)
+    with torch.no_grad():
+        result.gm(**result.example)
+    result.faults.clear()
+    verdicts = result.detector.flagged_samples()
+    # A weights fault breaks both paths; an output fault only the q@o path, which reads o.
+    assert verdicts["bounds"][:2] == [True, False]
+    assert verdicts["bounds-qo"][:2] == [True, True]
+    assert verdicts["comb"][:2] == [True, True]
+
+
+def test_q_at_o_needs_k_equal_v():
+    from fxsdc.errors import UserError
+    with pytest.raises(UserError, match="K = V"):
+        instrument("gpt2", tiny=True, checks=("bounds-qo",))
+    with pytest.raises(UserError, match="K != V"):  # rotary embeddings rotate k, not v
+        instrument("TinyLlama/TinyLlama-1.1B-Chat-v1.0", tiny=True, checks=("comb",),
+                   force_kv_equal=True)

@@ -180,3 +180,13 @@ def test_faults_on_the_same_element_compose():
     result.faults.clear()
     assert result.faults.slots >= 1 and records[0] == {**records[1], "bits": [30]}
     assert records[0]["after"] == flip_value(records[0]["before"], [3], torch.float32)
+
+
+def test_traced_graph_equals_the_hugging_face_model(tiny_model):
+    """The traced original is the model: bitwise the same output as HF's own forward."""
+    x = tiny_model.example
+    with torch.no_grad():
+        hf = tiny_model.loaded.model(**x)
+        traced = tiny_model.original(**x)
+    key = "logits" if "logits" in traced else "last_hidden_state"
+    assert compare_outputs({key: hf[key]}, {key: traced[key]})[0]
