@@ -183,8 +183,11 @@ class ExperimentConfig:
 
     @property
     def config_id(self) -> str:
-        """Stable id: first 16 hex chars of the sha256 of the canonical JSON of every field."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable id: first 16 hex chars of the sha256 of the canonical JSON of every field that
+        can change a result. ``trials_per_pass`` cannot (the runner gives identical trials either
+        way), so a sweep resumed with another value skips the trials it already stored."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "trials_per_pass"}
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     # -- (de)serialisation ------------------------------------------------------------------

@@ -227,10 +227,10 @@ def _load_tokenizer(where: str, local_only: bool) -> Any | None:
         return None
 
 
-def sample_inputs(loaded: LoadedModel, batch_size: int = 2, seq_len: int = 12,
+def sample_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 12,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """A deterministic input with padding at the end of the last row, so that masks matter."""
-    vocab = loaded.model.config.vocab_size
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
     attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)

@@ -101,10 +101,7 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
         model = loaded.model
     model.eval()
     if example_inputs is None:
-        if loaded is None:
-            loaded = models.LoadedModel(models.REGISTRY["gpt2"], model, None, False, False,
-                                        "user model")
-        example_inputs = models.sample_inputs(loaded, EXAMPLE_BATCH, EXAMPLE_SEQ)
+        example_inputs = models.sample_inputs(model, EXAMPLE_BATCH, EXAMPLE_SEQ)
     original = propagate_shapes(trace(model), example_inputs)
     try:
         num_layers = len(match_attention(original))

@@ -98,7 +98,8 @@ def random_hits(numel: int, seed: torch.Tensor, rate: torch.Tensor, width: int,
     """For each fault-table entry: which of ``numel`` elements are hit (``[F, numel]`` bool) and
     which bit each flips (uniform over ``width``). Host and device compute the same thing."""
     offset = torch.arange(numel, device=device, dtype=torch.int64)
-    key = offset.unsqueeze(0) * 2 + (seed.unsqueeze(1) << 33)
+    # _hash32 keeps the low 32 bits of its input, so the seed is mixed into them.
+    key = (offset.unsqueeze(0) * 2) ^ (_hash32(seed).unsqueeze(1) << 1)
     uniform = _hash32(key).to(torch.float64) / 2.0 ** 32
     bit = _hash32(key + 1) % width
     return uniform < rate.unsqueeze(1).to(torch.float64), bit

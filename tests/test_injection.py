@@ -190,3 +190,12 @@ def test_traced_graph_equals_the_hugging_face_model(tiny_model):
         traced = tiny_model.original(**x)
     key = "logits" if "logits" in traced else "last_hidden_state"
     assert compare_outputs({key: hf[key]}, {key: traced[key]})[0]
+
+
+def test_probabilistic_seed_selects_the_elements():
+    from fxsdc.runtime import random_hits
+    hits, bits = random_hits(4096, torch.tensor([1, 2, 1]), torch.tensor([0.05] * 3), 32,
+                             torch.device("cpu"))
+    assert torch.equal(hits[0], hits[2]) and torch.equal(bits[0], bits[2])
+    assert not torch.equal(hits[0], hits[1])
+    assert 100 < int(hits[0].sum()) < 320  # about 5 % of 4096
