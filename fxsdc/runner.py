@@ -54,9 +54,7 @@ from .store import ResultsLogger, shard_of
 MASKED_REL_TOL = 1e-3
 # Keys of TrialRecord.extra that are timings: they differ between two runs of the same trial.
 TIMING_KEYS = ("pass_s",)
-# Checks the graph passes insert (fxsdc.pipeline); the q@o bound paths are not among them.
-ONLINE_CHECKS = ("bounds", "softmax", "abft")
-# Probabilistic faults hash (seed << 33) in int64 (fxsdc.runtime.random_hits): keep seeds < 2**30.
+# Probabilistic faults hash the seed's low 32 bits (fxsdc.runtime.random_hits): keep seeds < 2**30.
 _PROB_SEED_MOD = 1 << 30
 
 
@@ -287,6 +285,8 @@ class ModelHarness:
         self.inputs = tuple(n.target for n in inst.gm.graph.nodes if n.op == "placeholder")
         self.layers = sorted({s.layer for s in inst.sites})
         self.checks = sorted({c.check for c in inst.checks})
+        if {"bounds", "bounds-qo"} <= set(self.checks):
+            self.checks.append("comb")  # the detector reads it as either bounds path
         self._compiled: nn.Module | None = None
         self._attention: dict[int, tuple[str, str]] | None = None
 
@@ -358,8 +358,11 @@ def prepare(model: Any, configs: Sequence[ExperimentConfig]) -> ModelHarness:
     checks = sorted({c for r in runners for c in r.online_checks})
     # Probabilistic faults take one table entry per sample; bit flips one per trial in a pass.
     slots = max(c.batch_size if kind == "probabilistic" else c.trials_per_pass for c in configs)
+    # The q@o bounds need K = V: like the seed's force_kv_equal, copy each layer's key projection
+    # into its value projection, for every config of the group (the model is changed in place).
+    kv_equal = any(c in ("bounds-qo", "comb") for c in checks)
     inst = instrument(module, locations=locations, checks=checks, fault_model=kind, slots=slots,
-                      dtype=dtype)
+                      dtype=dtype, force_kv_equal=kv_equal)
     return ModelHarness(inst, _task(model), first.device)
 
 
@@ -379,11 +382,6 @@ class ExperimentRunner:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         checks = config.active_checks
-        unsupported = [c for c in checks if c not in ONLINE_CHECKS]
-        if unsupported:
-            raise UserError(f"{config.exp_name}: check {unsupported[0]!r} needs the q@o bound "
-                            "path, which the runner does not compute; use bounds (s@w), "
-                            "softmax or abft")
         baseline = config.reference == "baseline" and "bounds" in checks
         self.host_checks = ["bounds"] if baseline else []
         self.online_checks = [c for c in checks if c not in self.host_checks]

@@ -242,6 +242,17 @@ def test_runs_on_a_model_instrumented_by_the_user() -> None:
         ExperimentRunner(dataclasses.replace(cfg, checks=["softmax"])).run_all(inst, batches)
 
 
+def test_q_at_o_checks_run_with_keys_copied_into_values() -> None:
+    cfg = tiny_config(checks=["comb", "softmax"], injection_location="weights")
+    model, batches = model_and_batches("gpt2")
+    results = ExperimentRunner(cfg).run_all("gpt2", batches)
+    clean = [r for r in results if r.kind == "clean"]
+    injected = [r for r in results if r.kind == "injected"]
+    assert clean and all(r.detected == 0 for r in clean)
+    assert all(set(r.detected_by) == {"comb", "softmax"} for r in results)
+    assert any(r.detected_by["comb"] for r in injected)
+
+
 def test_run_single_runs_one_batch() -> None:
     cfg = tiny_config(num_runs=2, checks=["softmax"])
     model, batches = model_and_batches("gpt2")
@@ -250,7 +261,6 @@ def test_run_single_runs_one_batch() -> None:
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(checks=["comb"]), "q@o bound path"),
     (dict(injection_layers=[2]), "no instrumented site at layer 2"),
     (dict(injection_idx=(0, 0, 16, 0)), "outside the scores tensor"),
 ])

@@ -190,7 +190,7 @@ def test_run_reads_a_config_file_and_flags_override_it(tmp_path: Path) -> None:
     (["sweep", "--template", "quick", "--db", "{db}", "--set", "seed"], "expected FIELD=VALUE"),
     (["sweep", "--template", "quick", "--db", "{db}", "--limit", "0"], "--limit must be >= 1"),
     (["sweep", "--config", "{tmp}/x.json"], "the following arguments are required: --db"),
-    (["run", "--model", "gpt2", "--tiny", "--checks", "comb"], "q@o bound path"),
+    (["run", "--model", "tinyllama", "--tiny", "--checks", "comb"], "K != V"),
     (["run", "--model", "gpt2", "--tiny", "--bit", "x"], "invalid int value"),
     (["run", "--model", "gpt2", "--tiny", "--layers", "0,a"], "not a comma-separated list"),
     (["run", "--config", "{bad_json}"], "malformed config"),
