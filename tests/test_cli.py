@@ -34,6 +34,9 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     (["instrument", "gpt2", "--tiny", "--fault", "scores@5"], "no instrumented site at layer 5"),
     (["instrument", "gpt2", "--tiny", "--dtype", "int8"], "unknown dtype 'int8'"),
     (["instrument"], "the following arguments are required: model"),
+    (["instrument", "gpt2", "--tiny", "--checks", "bounds,parity"], "unknown check 'parity'"),
+    (["instrument", "gpt2", "--pretrained"], "no pretrained weights for gpt2"),
+    (["instrument", "gpt2", "--tiny", "--checks", "comb"], "need K = V"),
 ])
 def test_user_errors_are_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
@@ -52,6 +55,18 @@ def test_instrument_json_lists_sites_and_verifies(capsys):
     assert report["sites"][3]["shape"] == [3, 4, 13, 13]
     assert report["bitwise_equal"] is True and report["max_abs_diff"] == 0.0
     assert report["fault"]["index"] == [2, 3, 4, 5] and abs(report["fault"]["after"]) > 1e30
+
+
+def test_checks_are_listed_and_the_clean_run_flags_nothing(capsys):
+    code, out, _ = run_cli(capsys, "instrument", "bert", "--tiny", "--json", "--layers", "0",
+                           "--checks", "bounds,softmax,abft", "--fault", "weights@0",
+                           "--index", "1,2,3,4")
+    report = json.loads(out)
+    assert code == 0 and report["clean_flagged_rows"] == 0
+    assert {(c["check"], c["op"]) for c in report["checks"]} == {
+        ("bounds", "softmax"), ("softmax", "softmax"), ("abft", "qk"), ("abft", "pv"),
+        ("abft", "q_proj"), ("abft", "k_proj"), ("abft", "v_proj"), ("abft", "out_proj")}
+    assert report["fault"]["detected_by"]["softmax"] is True
 
 
 def test_save_writes_every_export(capsys, tmp_path):
