@@ -32,6 +32,7 @@ from .graph_utils import clone_graph_module, insert_buffer_reads
 from .match_attention import AttentionSite, is_tensor, match_attention
 
 CHECKS = ("bounds", "softmax", "abft", "bounds-qo", "comb")
+DEFAULT_CHECKS = ("bounds", "softmax", "abft")  # the q@o paths need K = V
 STATE_PREFIX = "fxsdc_check_"
 W_TABLE = "fxsdc_lambertw"
 W_TABLE_KEYS = 1 << 16  # rows of up to 65536 keys
@@ -155,7 +156,7 @@ def _require_k_equals_v(gm: fx.GraphModule, example: dict[str, torch.Tensor],
 
 
 def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *,
-                  checks: Sequence[str] = CHECKS, layers: Sequence[int] | None = None
+                  checks: Sequence[str] = DEFAULT_CHECKS, layers: Sequence[int] | None = None
                   ) -> fx.GraphModule:
     """Return a copy of ``gm`` with the chosen checks at each chosen layer's attention.
 

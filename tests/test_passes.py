@@ -1,0 +1,104 @@
+"""The passes on their own, on hand-written attention traced with plain torch.fx."""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from passes.graph_view import normalized_text
+from passes.insert_checks import insert_checks
+from passes.insert_injection import insert_fault_injection
+from passes.match_attention import AttentionNotFound, match_attention
+from passes.ops import is_op
+from passes.shapes import propagate_shapes
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention spelled with different ops than any HF model: operator @,
+    Tensor.softmax, a multiplicative scale and a boolean causal mask."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.register_buffer("causal", torch.ones(5, 5, dtype=torch.bool).tril())  # seq 5 only
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+        weights = scores.masked_fill(~self.causal, float("-inf")).softmax(dim=-1)
+        out = (weights @ v).permute(0, 2, 1, 3).reshape(x.shape)
+        return self.o(out)
+
+
+def traced(module: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    gm = fx.symbolic_trace(module)
+    (name,) = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    return propagate_shapes(gm, {name: x})
+
+
+@pytest.fixture
+def attention():
+    torch.manual_seed(0)
+    module = Attention().eval()
+    x = torch.randn(3, 5, 16)
+    return module, x, traced(module, x)
+
+
+def test_equivalence_table_matches_every_spelling():
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    for node in (graph.call_function(torch.matmul, (a, b)), graph.call_function(torch.bmm, (a, b)),
+                 graph.call_function(operator.matmul, (a, b)), graph.call_method("matmul", (a, b))):
+        assert is_op(node, "matmul") and not is_op(node, "softmax")
+    for node in (graph.call_function(F.softmax, (a,)), graph.call_function(torch.softmax, (a, -1)),
+                 graph.call_method("softmax", (a,))):
+        assert is_op(node, "softmax")
+
+
+def test_matcher_finds_the_sites_whatever_the_node_names(attention):
+    module, x, gm = attention
+    for node in gm.graph.nodes:  # names must not matter: scramble them
+        if node.op not in ("placeholder", "output", "get_attr", "call_module"):
+            node.name = f"n{id(node) % 10_000_000}"
+    (site,) = match_attention(gm)
+    assert site.softmax.target == "softmax" and site.scale is not None
+    assert [site.q_proj.target, site.k_proj.target, site.v_proj.target, site.out_proj.target] == \
+        ["q", "k", "v", "o"]
+    assert site.scores in site.scale_ops and site.mask_ops[0].target == "masked_fill"
+    assert [site.node(loc).target for loc in ("q", "k", "v")] == ["permute"] * 3
+
+
+def test_no_attention_is_a_clear_error():
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=-1))
+    with pytest.raises(AttentionNotFound, match="no attention found"):
+        match_attention(traced(mlp, torch.randn(2, 4)))
+
+
+def test_injection_pass_leaves_its_input_alone_and_keeps_values(attention):
+    module, x, gm = attention
+    before = normalized_text(gm)
+    injected = insert_fault_injection(gm, locations=["scores", "v"])
+    assert normalized_text(gm) == before
+    assert [s.location for s in injected.meta["fxsdc_sites"]] == ["scores", "v"]
+    assert torch.equal(injected(x), module(x))
+
+
+def test_check_pass_flags_nothing_clean_and_a_corrupted_product(attention):
+    module, x, gm = attention
+    checked = insert_checks(insert_fault_injection(gm, locations=["out"]), {"x": x})
+    assert torch.equal(checked(x), module(x))
+    assert int(checked.fxsdc_check_rows[:, 1].sum()) == 0
+    checked.fxsdc_fault_site[0] = 0  # arm the one site by hand: sample 1, element 7, bit 30
+    checked.fxsdc_fault_batch[0], checked.fxsdc_fault_pos[0] = 1, 7
+    checked.fxsdc_fault_mask[0] = 1 << 30
+    checked(x)
+    pv = next(c for c in checked.meta["fxsdc_checks"] if c.op == "pv")
+    assert checked.fxsdc_check_samples[pv.check_id].tolist()[:3] == [0, 1, 0]
