@@ -221,15 +221,7 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ExperimentConfig":
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise UserError(f"{path}: cannot read config: {reason}") from e
-        try:
-            data = _yaml_load(path, text) if _is_yaml(path) else json.loads(text)
-        except Exception as e:  # json.JSONDecodeError or yaml.YAMLError; both mean a malformed file
-            raise UserError(f"{path}: malformed config: {_one_line(e)}") from e
+        data = read_config_file(path)
         try:
             return cls.from_dict(data)
         except UserError as e:
@@ -389,6 +381,20 @@ LARGE_MODELS = ["gpt2", "distilbert-base-uncased", "facebook/opt-125m"]
 # The seed's large sweep used openwebtext: ~40 GB to download, not loadable offline, and without
 # a test split. Two WikiText sizes keep the dataset axis at two entries.
 LARGE_DATASETS = ["wikitext-103-raw-v1", "wikitext-2-raw-v1"]
+
+
+def read_config_file(path: Path, what: str = "config") -> Any:
+    """The parsed content of a JSON or YAML file; an unreadable or malformed file is a one-line
+    UserError naming ``what``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{path}: cannot read {what}: {reason}") from e
+    try:
+        return _yaml_load(path, text) if _is_yaml(path) else json.loads(text)
+    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError; both mean a malformed file
+        raise UserError(f"{path}: malformed {what}: {_one_line(e)}") from e
 
 
 class ConfigTemplates:

@@ -17,15 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-# config's file readers are private; they are reused so that sweep files read exactly like configs.
-from .config import (
-    ConfigTemplates,
-    ExperimentConfig,
-    ParameterSweepConfig,
-    _is_yaml,
-    _one_line,
-    _yaml_load,
-)
+from .config import ConfigTemplates, ExperimentConfig, ParameterSweepConfig, read_config_file
 from .errors import UserError
 from .store import ResultsLogger, merge_stores, parse_shard, shard_from_env
 
@@ -179,15 +171,7 @@ def _add_sweep(sub: Any) -> None:
 def load_sweep(path: str | Path) -> ParameterSweepConfig:
     """A sweep file: ``{base_config: {...}, sweep_params: {...}}``, or one config's fields."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"{path}: cannot read sweep config: {reason}") from e
-    try:
-        content = _yaml_load(path, text) if _is_yaml(path) else json.loads(text)
-    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError: a malformed file
-        raise UserError(f"{path}: malformed sweep config: {_one_line(e)}") from e
+    content = read_config_file(path, "sweep config")
     try:
         if isinstance(content, dict) and "sweep_params" in content:
             extra = sorted(set(content) - {"base_config", "sweep_params"})
