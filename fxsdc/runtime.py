@@ -75,10 +75,26 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
             (target,), mask.to(int_dtype))[:total].view(xs.shape)
     flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
 
-    index = (safe_batch,) + _unravel(safe_pos, sample_shape)
-    before.copy_(torch.where(active, xs[index].to(before.dtype), before))
-    after.copy_(torch.where(active, flipped[index].to(after.dtype), after))
+    # The slots' elements are read through an opaque op: a plain gather lets inductor fuse the
+    # records of every site into one late kernel that keeps each site's tensor alive until then
+    # (measured: +680 MiB peak on 12-layer GPT-2). The host merges slots on one element, so each
+    # active slot's value after the flip is its value before XOR its own mask.
+    hit = take_elements(xs, safe_batch, safe_pos)
+    flipped_hit = (hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
+    before.copy_(torch.where(active, hit.to(before.dtype), before))
+    after.copy_(torch.where(active, flipped_hit.to(after.dtype), after))
     return flipped.view(x.shape)
+
+
+@torch.library.custom_op("fxsdc::take_elements", mutates_args=())
+def take_elements(x: torch.Tensor, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x[batch[f], *unravel(pos[f])]`` for each slot f, with x laid out (B, ...)."""
+    return x[(batch,) + _unravel(pos, tuple(x.shape[1:]))].clone()
+
+
+@take_elements.register_fake
+def _take_elements_shape(x: torch.Tensor, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(pos.shape)
 
 
 _HASH_MUL = (0x7FEB352D, 0x446F2D5B)  # odd 31-bit multipliers: products stay below 2**63
@@ -137,6 +153,7 @@ def record_check(score: torch.Tensor, check_id: int, batch_ref: torch.Tensor, ro
     ``first[c]`` = flat index of the first flagged row of the first pass that flagged one,
     ``samples[c, b] +=`` rows flagged in sample b. Scores are batch-major in every layout
     ((B, H, T), (B*H, T), (B*T,)), so the model input ``batch_ref`` (B, T) splits them by sample."""
+    score = score.detach()  # detector state carries no autograd history (compiled with grad on)
     flags = score > 1
     per_sample = flags.reshape(batch_ref.shape[0], -1).sum(dim=1)
     samples[check_id, : per_sample.shape[0]] += per_sample
