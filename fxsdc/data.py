@@ -64,7 +64,7 @@ def load_texts(
         if texts is not None:
             return texts, f"{name}, {len(texts)} texts (local cache)"
         reason = "offline mode is set and the dataset is not in the local cache"
-    elif not _hub_reachable():
+    elif not hub_reachable():
         reason = (
             "the Hugging Face hub is unreachable; set HF_DATASETS_OFFLINE=1 to use a cached copy"
         )
@@ -100,7 +100,7 @@ def _offline_env() -> bool:
     )
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """Whether the hub's host accepts a TCP connection within a few seconds.
 
     ``datasets`` retries an unreachable hub for ~25 s before failing; this answers at once. The

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import transformers
 from transformers import PretrainedConfig
 
+from .data import hub_reachable
 from .errors import UserError
 
 log = logging.getLogger("fxsdc")
@@ -142,19 +141,13 @@ def _package_dir(package: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub answers on its port: a quick probe, so that an offline machine
-    falls back at once instead of waiting through the hub client's retries."""
+def _hub_allowed() -> bool:
+    """Whether to try the hub: not when the user set Hugging Face's offline mode, nor when the
+    hub does not answer (a quick probe, instead of the hub client's retries)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
             os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
         return False
-    from huggingface_hub import constants
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return hub_reachable()
 
 
 def _prepare_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -186,7 +179,7 @@ def load_model(name: str, *, tiny: bool = False, pretrained: bool | None = None,
     if spec.package and (path := _package_dir(spec.package)):
         locations.append((path, True))
     locations.append((spec.hf_id, True))
-    if hub_reachable():
+    if _hub_allowed():
         locations.append((spec.hf_id, False))
     for where, local_only in locations:
         try:

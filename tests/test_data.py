@@ -21,7 +21,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No hub, whatever the machine: the probe says unreachable and must not be bypassed."""
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
 
 
 def _fake_hub(monkeypatch: pytest.MonkeyPatch, result: object) -> list[tuple]:
@@ -40,7 +40,7 @@ def _fake_hub(monkeypatch: pytest.MonkeyPatch, result: object) -> list[tuple]:
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return calls
 
@@ -70,7 +70,7 @@ def test_offline_env_skips_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("offline mode must not probe the hub")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(data, "_hub_reachable", no_probe)
+    monkeypatch.setattr(data, "hub_reachable", no_probe)
     texts, source = load_texts("wikitext-103-raw-v1", max_texts=3)
     assert len(texts) == 3 and "offline mode is set" in source
 
@@ -80,7 +80,7 @@ def test_unreachable_hub_fails_fast() -> None:
     import time
 
     start = time.monotonic()
-    data._hub_reachable()
+    data.hub_reachable()
     assert time.monotonic() - start < data._PROBE_TIMEOUT_S + 1.5
 
 
