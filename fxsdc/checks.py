@@ -54,7 +54,7 @@ import math
 
 import torch
 
-from fxsdc.utils import logger, top2
+from fxsdc.utils import logger
 
 CHECK_DTYPE = torch.float64
 _ACC_FACTOR = 2.0
@@ -150,6 +150,19 @@ def gemm_roundoff(dtype: torch.dtype, device_type: str = "cpu") -> tuple[float, 
                        dtype, dtype)
         accum_u = _ACC_FACTOR * unit_roundoff(dtype)
     return input_u, accum_u
+
+
+def use_float32_gemm_accumulation() -> None:
+    """Make CUDA's bf16/fp16 GEMMs reduce split-K partial sums in float32, as the ABFT tolerances
+    (``default_gemm_roundoff``) assume. PyTorch's default lets cuBLAS reduce them in the 16-bit
+    type, an error the checks can only cover with uselessly loose tolerances (``gemm_roundoff``).
+    A global torch setting; it changes nothing on CPUs or for float32 GEMMs."""
+    matmul = torch.backends.cuda.matmul
+    if matmul.allow_bf16_reduced_precision_reduction or matmul.allow_fp16_reduced_precision_reduction:
+        logger.info("ABFT checks: turning off torch.backends.cuda.matmul."
+                    "allow_{bf16,fp16}_reduced_precision_reduction (float32 GEMM accumulation)")
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
 
 
 def _gemm_rel(k: int, input_u: float, accum_u: float) -> float:
@@ -298,6 +311,23 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
 # --------------------------------------------------------------------------------------------
 
 
+def top2_values(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest and second-largest valid entry of each row (last dim), a tie counting twice.
+
+    Two max reductions and a count instead of ``torch.topk``: they fuse with the other row
+    reductions of the checks into one pass over the row, where topk is a separate sorting
+    kernel. Rows with fewer than two valid entries get -inf where a value is missing.
+    """
+    neg_inf = torch.full((), -math.inf, dtype=x.dtype, device=x.device)
+    x = torch.where(valid, x, neg_inf)
+    first = x.amax(-1, keepdim=True)
+    at_max = x == first  # all True in an all-invalid row (-inf == -inf): both values -inf
+    ties = at_max.sum(-1)
+    rest = torch.where(at_max, neg_inf, x).amax(-1)
+    first = first.squeeze(-1)
+    return first, torch.where(ties >= 2, first, rest)
+
+
 def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
                       mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-row quantities of DESIGN section 3, in float64, masked keys excluded.
@@ -325,9 +355,8 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
     w = weights.to(CHECK_DTYPE)
     zero = torch.zeros((), dtype=CHECK_DTYPE, device=a.device)
     n = valid.sum(-1)
-    top, _ = top2(a, dim=-1, mask=valid)
-    a_star = top[..., 0]
-    gam = a_star - top[..., 1]
+    a_star, second = top2_values(a, valid)
+    gam = a_star - second
     a_v = torch.where(valid, a, zero)
     w_v = torch.where(valid, w, zero)
     nf = n.to(CHECK_DTYPE)
@@ -482,9 +511,15 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     tiny_acc = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).tiny
     a64, b64, c64 = a.to(CHECK_DTYPE), b.to(CHECK_DTYPE), c.to(CHECK_DTYPE)
     lhs = c64.sum(-1)
-    rhs = torch.matmul(a64, b64.sum(-1, keepdim=True)).squeeze(-1) * s
+    # A.(B.1) as a broadcast product summed over k, not a GEMV: the reduction then runs over
+    # rows of A in the pass that reads them anyway (A = the softmax weights for weights.V),
+    # where an extern GEMV would need a materialised float64 copy of A. Same dot products, so
+    # the same gamma_k bound (any summation order).
+    b_sum = b64.sum(-1).unsqueeze(-2)
+    b_abs_sum = b64.abs().sum(-1).unsqueeze(-2)
+    rhs = (a64 * b_sum).sum(-1) * s
     c_abs = c64.abs().sum(-1)
-    q_abs = torch.matmul(a64.abs(), b64.abs().sum(-1, keepdim=True)).squeeze(-1)
+    q_abs = (a64.abs() * b_abs_sum).sum(-1)
     rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK))
     rel_c = gamma(1 if scale is None else 2, u_out) + gamma(m, U_CHECK)
     absolute = m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out) + _TINY_CHECK

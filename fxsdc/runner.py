@@ -35,6 +35,7 @@ from passes.match_attention import match_attention
 
 from . import data, models
 from .bits import parse_dtype
+from .checks import use_float32_gemm_accumulation
 from .bounds import (
     BoundsResult,
     compute_attention_bounds,
@@ -287,6 +288,8 @@ class ModelHarness:
         self.checks = sorted({c.check for c in inst.checks})
         if {"bounds", "bounds-qo"} <= set(self.checks):
             self.checks.append("comb")  # the detector reads it as either bounds path
+        if self.device.type == "cuda" and "abft" in self.checks:
+            use_float32_gemm_accumulation()
         self._compiled: nn.Module | None = None
         self._attention: dict[int, tuple[str, str]] | None = None
 

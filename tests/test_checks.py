@@ -373,3 +373,32 @@ def test_checks_compile_fullgraph_and_match_eager() -> None:
         torch.testing.assert_close(e[finite], k[finite])
     flagged = [int((e > 1).sum()) for e in eager]
     assert flagged[0] >= 1 and flagged[1] >= 1 and flagged[2] == 1 and flagged[3] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_top2_values_equal_topk(length: int, seed: int, p_valid: float) -> None:
+    """The fused two-max top-2 equals topk on the valid entries, ties and short rows included."""
+    from fxsdc.checks import top2_values
+    from fxsdc.utils import top2
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (5, length), generator=gen).double()  # small ints: many ties
+    valid = torch.rand(5, length, generator=gen) < p_valid
+    first, second = top2_values(x, valid)
+    expected, _ = top2(x, mask=valid)
+    assert torch.equal(first, expected[:, 0]) and torch.equal(second, expected[:, 1])
+
+
+def test_use_float32_gemm_accumulation_turns_off_16_bit_reductions() -> None:
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_bf16_reduced_precision_reduction,
+             matmul.allow_fp16_reduced_precision_reduction)
+    try:
+        matmul.allow_bf16_reduced_precision_reduction = True
+        matmul.allow_fp16_reduced_precision_reduction = True
+        checks.use_float32_gemm_accumulation()
+        assert not matmul.allow_bf16_reduced_precision_reduction
+        assert not matmul.allow_fp16_reduced_precision_reduction
+    finally:
+        (matmul.allow_bf16_reduced_precision_reduction,
+         matmul.allow_fp16_reduced_precision_reduction) = saved

@@ -156,6 +156,51 @@ def test_no_sync_cuda():
     assert sum(r.rows for r in result.detector.read()) > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_cuda_graph_capture_serves_a_sweep(mode: str):
+    """The forward with all checks and a fault armed captures into one CUDA graph (capture
+    fails on any host sync), and replaying that graph after arming a different fault and
+    resetting the detector reproduces each trial's un-captured run: what varies between trials
+    lives in device buffers that the graph reads."""
+    result = _tiny_all_checks()
+    result.gm.to("cuda")
+    x = {k: v.cuda() for k, v in result.example.items()}
+    batch, seq = x["input_ids"].shape
+    forward = torch.compile(result.gm, fullgraph=True) if mode == "compiled" else result.gm
+    trials = [_armed_fault(), [Fault(0, "q", (2, 1, 5, 3), (30,))], []]
+
+    def arm(faults: list[Fault]) -> None:
+        result.faults.set_faults(faults, batch, seq)
+        result.detector.reset(batch)
+
+    expected = []
+    with torch.no_grad():
+        for faults in trials:
+            arm(faults)
+            logits = forward(**x)["logits"].clone()
+            expected.append((logits, result.faults.applied(),
+                             [(r.rows, r.flagged) for r in result.detector.read()]))
+        arm(trials[0])
+        side = torch.cuda.Stream()  # warm up off the capture stream, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward(**x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = forward(**x)["logits"]
+    for faults, (logits, applied, readings) in zip(trials, expected):
+        arm(faults)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, logits)
+        assert result.faults.applied() == applied
+        assert [(r.rows, r.flagged) for r in result.detector.read()] == readings
+    assert expected[0][2] != expected[2][2], "the armed fault was flagged, the clean pass not"
+    result.faults.clear()
+
+
 # -- compiled: faults and detector resets do not recompile ---------------------------------------
 @pytest.mark.slow
 def test_compiled_does_not_recompile_on_fault_or_detector_changes(monkeypatch):

@@ -88,6 +88,7 @@ from tabulate import tabulate  # noqa: E402
 from torch import fx  # noqa: E402
 
 import fxsdc  # noqa: E402
+import fxsdc.checks  # noqa: E402
 from fxsdc import models  # noqa: E402
 from fxsdc.bits import layout  # noqa: E402
 from fxsdc.faults import Fault  # noqa: E402
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep_seq = args.sweep_seq or (16 if args.quick else 256 if cuda else 64)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
+    if cuda:
+        fxsdc.checks.use_float32_gemm_accumulation()  # what the ABFT tolerances assume
     torch.manual_seed(0)
     load_start = os.getloadavg()
     meta: dict[str, Any] = {
@@ -588,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "python": platform.python_version(),
         "dtype": args.dtype, "batch": batch, "seq": seq, "repeats": repeats,
         "eager_repeats": eager_repeats, "warmup_rounds": args.warmup, "quick": args.quick,
+        "cuda_reduced_precision_reduction": (
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction if cuda else None),
         "load_average_start": load_start,
         "memory_method": ("torch.cuda.max_memory_allocated - allocated before the pass, + the "
                           "module's parameter/buffer bytes" if cuda else
