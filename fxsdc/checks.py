@@ -9,18 +9,31 @@ row is flagged iff ``score > 1``: ``score = violation / tolerance``, ``+inf`` fo
 NaN/Inf, ``0`` for a row that cannot be checked (fewer than two valid keys, say). The lead can
 accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
 
-**Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype:
+**Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype, except the
+per-element work of the two softmax checks (below):
 
 - its own rounding (u = 2^-53) is then negligible next to the model's (2^-8 for bfloat16, 2^-24
   for float32), so each tolerance is the model's error plus a sliver, which is the most
-  sensitive detector the error analysis allows; with float32 checks the check's own rounding
-  would roughly double the tolerance of float32 models;
+  sensitive detector the error analysis allows; with float32 checksums the check's own rounding
+  of a row sum over the m = T keys (gamma_T(2^-24)) would exceed a float32 q.k product's
+  (gamma_D) several times over;
 - checksums of |A||B| cannot overflow (float32 sums of m values near 1e36 can);
 - float64 matmuls never use TF32 or bf16 shortcuts, whatever ``set_float32_matmul_precision``
   says, so the bound on the check's own error holds on any backend;
 - the extra work is O(row length) per row, memory-bound and fused by ``torch.compile``; data
   centre GPUs run float64 at half or full float32 rate. Eagerly the upcast copies are
   materialised (8 bytes per element of the checked tensors).
+
+**The softmax checks' per-element arithmetic is float32** (``element_dtype``; float64 for
+float64 inputs), their per-row arithmetic float64. They take ~40 vector operations per element
+(counts, two maxima, a minimum, six sums), which on CPUs is compute-bound: float32 vectors hold
+twice the lanes (measured: 2.25x faster than float64 on [4, 12, 256, 256], 2-core AVX-512 CPU).
+float32 holds float32/bfloat16/float16 inputs exactly, so maxima, minima and counts stay exact;
+only the products and sums round, at u_e = 2^-24, which the tolerances charge: gamma_L(u_e)
+times the sum of the magnitudes (Higham's dot-product bound again), about 1/6 of a float32
+softmax's own error (gamma_{6L}) and negligible next to a 16-bit one. A float32 sum of L
+magnitudes can overflow only for |logits| >= 3.4e38 / L (>= 5e33 for any L <= 65536); such a
+row's statistics become non-finite and the row is flagged, like a row holding Inf.
 
 **Tolerances** start from Higham's bound (*Accuracy and Stability of Numerical Algorithms*, 2nd
 ed., section 3.1): a computed dot product satisfies
@@ -184,8 +197,8 @@ def _finish(violation: torch.Tensor, tol: torch.Tensor, nonfinite: torch.Tensor,
     if checkable is not None:
         score = torch.where(checkable, score, zero)
     # A NaN score in a checkable finite row (inf/inf: a tolerance that overflowed) is reported,
-    # not hidden: it becomes +inf like a non-finite row.
-    return torch.where(nonfinite | torch.isnan(score), torch.full_like(score, math.inf), score)
+    # not hidden: it becomes +inf like a non-finite row (score != score: NaN; see nan_or_posinf).
+    return torch.where(nonfinite | (score != score), torch.full_like(score, math.inf), score)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,17 +262,38 @@ def softmax_sum_tolerances(weights_dtype: torch.dtype, length: int) -> tuple[flo
 
     tol_sum:   |sum_j w_hat_j - 1| <= max(hi (1 + x3) - 1, 1 - lo (1 - x3)) + L eta_w, because
                sum_j w_j rho_j <= hi sum_j w_j e^{3 u_i t_j} <= hi (1 + x3) (x3 = _exp_arg_factor
-               with c = 3 u_i), plus the check's float64 sum: gamma_{L+1}(u_c) (1 + tol).
+               with c = 3 u_i), plus the check's own sum: L - 1 additions in the element dtype
+               (u_e) and the float64 subtraction of 1, together <= gamma_{L+1}(u_e) (1 + tol).
     tol_range: w_hat_j <= hi + eta_w since w_j e^{3 u_i t_j} <= 1 (t_j = 0: w_j <= 1;
                t_j > 0: w_j <= e^{-t_j}); and w_hat_j >= 0 always (exp >= 0, rounding monotone).
+               The check's max(-w, w - 1) is exact in float32: -w is, and w - 1 is for
+               w in [1/2, 2] (Sterbenz); below 1/2 it is negative, above 2 a violation >= 1.
     """
     hi, lo, u_i = _softmax_hi_lo(weights_dtype, length)
     x3 = _exp_arg_factor(_EXP_ARG_U * u_i, length)
     eta = _softmax_eta(weights_dtype)
+    u_e = unit_roundoff(element_dtype(weights_dtype))
     model = max(hi * (1 + x3) - 1, 1 - lo * (1 - x3)) + length * eta
-    tol_sum = (model + gamma(length + 1, U_CHECK) * (1 + model) + _TINY_CHECK) * _slack(length + 4)
+    tol_sum = (model + gamma(length + 1, u_e) * (1 + model) + _TINY_CHECK) * _slack(length + 4)
     tol_range = (hi - 1 + eta + _TINY_CHECK) * _slack(4)
     return tol_sum, tol_range
+
+
+def nan_or_posinf(x: torch.Tensor) -> torch.Tensor:
+    """``isnan(x) | isposinf(x)`` as one comparison (NaN compares False). Same result; inductor's
+    CPU backend vectorises comparisons but runs ``isnan`` as a scalar loop, per element."""
+    return ~(x < math.inf)
+
+
+def not_finite(x: torch.Tensor) -> torch.Tensor:
+    """``~isfinite(x)`` as one comparison, for the reason of ``nan_or_posinf``."""
+    return nan_or_posinf(x.abs())
+
+
+def element_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Dtype of the softmax checks' per-element arithmetic: float32, which holds float32,
+    bfloat16 and float16 values exactly, or float64 when an input is float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def valid_keys(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -292,11 +326,11 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
     """
     length = weights.shape[-1]
     tol_sum, tol_range = softmax_sum_tolerances(weights.dtype, length)
-    w = weights.to(CHECK_DTYPE)
-    sum_violation = (w.sum(-1) - 1).abs()
-    range_violation = torch.maximum(-w, w - 1).clamp(min=0).amax(-1)
+    w = weights.to(element_dtype(weights.dtype))
+    sum_violation = (w.sum(-1).to(CHECK_DTYPE) - 1).abs()
+    range_violation = torch.maximum(-w, w - 1).clamp(min=0).amax(-1).to(CHECK_DTYPE)
     score = torch.maximum(sum_violation / tol_sum, range_violation / tol_range)
-    nonfinite = ~torch.isfinite(w).all(-1)
+    nonfinite = not_finite(w).any(-1)
     checkable = None
     if logits is not None:
         checkable = valid_keys(logits, mask).any(-1)
@@ -322,7 +356,7 @@ def top2_values(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, tor
     x = torch.where(valid, x, neg_inf)
     first = x.amax(-1, keepdim=True)
     at_max = x == first  # all True in an all-invalid row (-inf == -inf): both values -inf
-    ties = at_max.sum(-1)
+    ties = at_max.to(x.dtype).sum(-1)  # a float count: exact below 2^24, and vectorised
     rest = torch.where(at_max, neg_inf, x).amax(-1)
     first = first.squeeze(-1)
     return first, torch.where(ties >= 2, first, rest)
@@ -330,13 +364,15 @@ def top2_values(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
                       mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-row quantities of DESIGN section 3, in float64, masked keys excluded.
+    """Per-row quantities of DESIGN section 3, as float64, masked keys excluded.
 
     Returns a dict of tensors shaped like ``logits.shape[:-1]``:
     ``n`` (valid keys), ``a_star`` = max_V a, ``gamma`` = a* - second max_V a (margin),
     ``w_star`` = max_V w, ``epsilon`` = a* - sum_V w_j a_j, ``lower1`` = gamma / (1 + e^gamma),
     ``middle`` = gamma (1 - w*), ``upper1`` = a* - mean_V a, ``upper2`` = tau(gamma, n),
-    ``w_n`` = W((n-1)/e), ``a_min`` = min_V a, ``m1`` = sum_V |w_j a_j|, ``m0`` = sum_V |a_j|,
+    ``w_n`` = W((n-1)/e), ``a_min`` = min_V a, ``m1`` >= sum_V |w_j a_j|, ``m0`` >= sum_V |a_j|
+    (upper bounds: the sums are taken in ``element_dtype`` and scaled up by 1 / (1 - gamma_L(u_e)),
+    since a computed sum of L non-negative terms is at least (1 - gamma_L) times the exact one),
     ``checkable`` (n >= 2 and finite) and ``nonfinite`` (a NaN or +Inf logit anywhere in the row,
     or a NaN/Inf weight anywhere). Values in rows that are not checkable are unspecified.
     ``w_table``: ``bounds.lambertw_table(n_max)`` with ``n_max >= logits.shape[-1]`` (any float
@@ -351,21 +387,26 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
                          "input first, which this error model does not cover; pass the logits "
                          "the softmax actually read")
     valid = valid_keys(logits, mask)
-    a = logits.to(CHECK_DTYPE)
-    w = weights.to(CHECK_DTYPE)
-    zero = torch.zeros((), dtype=CHECK_DTYPE, device=a.device)
-    n = valid.sum(-1)
-    a_star, second = top2_values(a, valid)
+    # Per element in float32 (exact for the inputs; products and sums charged in the
+    # tolerance), per row in float64.
+    elem = element_dtype(logits.dtype, weights.dtype)
+    a = logits.to(elem)
+    w = weights.to(elem)
+    zero = torch.zeros((), dtype=elem, device=a.device)
+    n = valid.to(elem).sum(-1).long()  # exact: rows are shorter than 2^24 keys
+    a_star, second = (v.to(CHECK_DTYPE) for v in top2_values(a, valid))
     gam = a_star - second
     a_v = torch.where(valid, a, zero)
     w_v = torch.where(valid, w, zero)
+    wa = w_v * a_v
     nf = n.to(CHECK_DTYPE)
-    epsilon = a_star - (w_v * a_v).sum(-1)
-    w_star = w_v.amax(-1)
+    epsilon = a_star - wa.sum(-1).to(CHECK_DTYPE)
+    w_star = w_v.amax(-1).to(CHECK_DTYPE)
     w_n = w_table.to(CHECK_DTYPE)[n]
+    grow = 1.0 / (1.0 - gamma(length, unit_roundoff(elem)))
     e = torch.exp(-gam)
     tail = (nf - 1) * gam * e / (1 + (nf - 1) * e)
-    nonfinite = (torch.isnan(a) | torch.isposinf(a)).any(-1) | ~torch.isfinite(w).all(-1)
+    nonfinite = nan_or_posinf(a).any(-1) | not_finite(w).any(-1)
     return {
         "n": n,
         "a_star": a_star,
@@ -374,13 +415,13 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
         "epsilon": epsilon,
         "lower1": gam / (1 + torch.exp(gam)),
         "middle": gam * (1 - w_star),
-        "upper1": a_star - a_v.sum(-1) / nf.clamp(min=1),
+        "upper1": a_star - a_v.sum(-1).to(CHECK_DTYPE) / nf.clamp(min=1),
         "upper2": torch.where(gam < 1 + w_n, w_n, tail),
         "w_n": w_n,
-        "a_min": torch.where(valid, a, torch.full((), math.inf, dtype=CHECK_DTYPE,
-                                                   device=a.device)).amin(-1),
-        "m1": (w_v * a_v).abs().sum(-1),
-        "m0": a_v.abs().sum(-1),
+        "a_min": torch.where(valid, a, torch.full((), math.inf, dtype=elem,
+                                                   device=a.device)).amin(-1).to(CHECK_DTYPE),
+        "m1": wa.abs().sum(-1).to(CHECK_DTYPE) * grow,
+        "m0": a_v.abs().sum(-1).to(CHECK_DTYPE) * grow,
         "checkable": (n >= 2) & ~nonfinite,
         "nonfinite": nonfinite,
     }
@@ -404,11 +445,17 @@ def softmax_bounds_tolerance(stats: dict[str, torch.Tensor], weights_dtype: torc
             (n-1)e^-g/(1+(n-1)e^-g)) so a rounded gamma moves it by <= u_c gamma tau, plus
             gamma_16 for exp, the table entry and the five operations; mis-branching at
             gamma = 1 + W is harmless because tau is continuous there.)
-    tol = (E_eps + E_mid + E_chk) * slack: one tolerance for both sides (each side's error is
-    at most the sum).
+    E_sum = gamma_L(u_e) (M1 + M0 / n)
+            (the sums over the row in the element dtype, ``element_dtype``: sum_V w_j a_j, L
+            products and L - 1 additions, errs by <= gamma_L(u_e) M1; sum_V a_j by
+            <= gamma_{L-1}(u_e) M0, divided by n in the mean. Their conversion to float64 is exact
+            and the float64 steps after it are in E_chk.)
+    tol = (E_eps + E_mid + E_chk + E_sum) * slack: one tolerance for both sides (each side's
+    error is at most the sum).
     """
     hi, lo, u_i = _softmax_hi_lo(weights_dtype, length)
     eta = _softmax_eta(weights_dtype)
+    u_e = unit_roundoff(element_dtype(weights_dtype))  # float64 logits need float64 weights
     big_r = (stats["a_star"] - stats["a_min"]).clamp(min=0)
     theta = torch.maximum(hi * torch.exp(_EXP_ARG_U * u_i * big_r) - 1,
                           1 - lo * torch.exp(-_EXP_ARG_U * u_i * big_r))
@@ -420,7 +467,8 @@ def softmax_bounds_tolerance(stats: dict[str, torch.Tensor], weights_dtype: torc
              * (2 * stats["a_star"].abs() + stats["m1"] + stats["m0"] + 2 * gam
                 + stats["middle"].abs() + stats["w_n"])
              + 2 * U_CHECK * gam * stats["w_n"])
-    return (e_eps + e_mid + e_chk + _TINY_CHECK) * _slack(length + 32)
+    e_sum = gamma(length, u_e) * (stats["m1"] + stats["m0"] / stats["n"].clamp(min=1))
+    return (e_eps + e_mid + e_chk + e_sum + _TINY_CHECK) * _slack(length + 32)
 
 
 def softmax_bounds_score(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
