@@ -117,6 +117,7 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
             gm = insert_checks(gm, example_inputs, checks=checks, layers=chosen)
         except KNotEqualV as exc:
             raise UserError(str(exc)) from None
+    gm.to(next(model.parameters()).device)  # the passes' new buffers join the model's device
     return Instrumented(gm, gm.meta["fxsdc_sites"], original, example_inputs, loaded)
 
 

@@ -18,7 +18,7 @@ is read on the host inside forward.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,24 +77,24 @@ def projection_params(gm: fx.GraphModule, proj: fx.Node) -> tuple[torch.Tensor, 
     raise NotImplementedError(f"ABFT for projection {proj.format_node()}")
 
 
+ColumnValues = Callable[[torch.Tensor], torch.Tensor]  # column indices -> probe values
+
+
 class _Probe(fx.Interpreter):
     """Run the graph with each projection's output replaced by a probe, capturing the per-head
     tensors: it shows which output columns (and which constant scale) reach each head."""
 
-    def __init__(self, gm: fx.GraphModule, probes: dict[fx.Node, float | None],
-                 capture: set[fx.Node]) -> None:
+    def __init__(self, gm: fx.GraphModule, probes: dict[fx.Node, ColumnValues],
+                 capture: set[fx.Node], device: torch.device) -> None:
         super().__init__(gm)
-        self.probes, self.capture, self.values = probes, capture, {}
+        self.probes, self.capture, self.values, self.device = probes, capture, {}, device
 
     def run_node(self, n: fx.Node):
         if n in self.probes:
-            # Column indices are exact in the projection's own dtype up to 2^24 (float32).
             meta = n.meta["tensor_meta"]
-            shape = meta.shape
-            columns = torch.arange(shape[-1], dtype=meta.dtype)
-            fill = self.probes[n]
-            result = (columns if fill is None else torch.full_like(columns, fill)).expand(shape)
-            return result.contiguous()
+            columns = torch.arange(meta.shape[-1], device=self.device)
+            values = self.probes[n](columns).to(meta.dtype)
+            return values.expand(meta.shape).contiguous()
         result = super().run_node(n)
         if n in self.capture:
             self.values[n] = result
@@ -108,8 +108,9 @@ class _ProbeDone(Exception):
 
 
 def _probe(gm: fx.GraphModule, example: dict[str, torch.Tensor], projections: list[fx.Node],
-           heads: list[fx.Node], fill: float | None) -> dict[fx.Node, torch.Tensor]:
-    interp = _Probe(gm, {p: fill for p in projections}, set(heads))
+           heads: list[fx.Node], values: ColumnValues) -> dict[fx.Node, torch.Tensor]:
+    device = next(iter(example.values())).device
+    interp = _Probe(gm, {p: values for p in projections}, set(heads), device)
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         try:
@@ -125,13 +126,24 @@ def head_columns(gm: fx.GraphModule, example: dict[str, torch.Tensor],
     head, as an [H, D] index tensor, and the constant the model scales them by on the way."""
     projections = [p for p, _ in pairs]
     heads = [h for _, h in pairs]
-    ones = _probe(gm, example, projections, heads, 1.0)
-    cols = _probe(gm, example, projections, heads, None)
+    ones = _probe(gm, example, projections, heads, torch.ones_like)
+    # Column indices go through the model in its own dtype, times a constant scale: send them
+    # as base-b digits, b * u <= 1/4, so that a digit survives a rounded scaling (relative error
+    # u) and division by the scale rounds back to it (bfloat16: b = 64, two probes for 4096
+    # columns; float32: b = 2^22, one probe).
+    widest = max(p.meta["tensor_meta"].shape[-1] for p in projections)
+    dtype = projections[0].meta["tensor_meta"].dtype
+    base = min(2**22, int(1 / (4 * (torch.finfo(dtype).eps / 2))))
+    digits = []
+    while not digits or base ** len(digits) < widest:
+        power = base ** len(digits)
+        digits.append(_probe(gm, example, projections, heads,
+                             lambda c, power=power: (c // power % base).double()))
     result = []
     for proj, head in pairs:
-        scale_t, col_t = ones[head].double(), cols[head].double()  # [B, H, T, D]
+        scale_t = ones[head].double()  # [B, H, T, D]
         scale = float(scale_t.flatten()[0])
-        index = torch.round(col_t / scale)
+        index = sum(torch.round(d[head].double() / scale) * base ** i for i, d in enumerate(digits))
         if not (torch.all(scale_t == scale) and torch.all(index == index[:1, :, :1, :])):
             raise NotImplementedError(f"{head.name} is not a fixed column selection of "
                                       f"{proj.name}")
@@ -147,7 +159,7 @@ def _require_k_equals_v(gm: fx.GraphModule, example: dict[str, torch.Tensor],
                         sites: list[AttentionSite]) -> None:
     """Check on the example input that the keys and values attention consumes are equal."""
     nodes = [n for s in sites for n in (s.qk.args[1], s.pv.args[1])]
-    values = _probe(gm, example, [], nodes, None)
+    values = _probe(gm, example, [], nodes, torch.ones_like)
     for site in sites:
         k_t, v = values[site.qk.args[1]], values[site.pv.args[1]]
         if k_t.shape[-2:] != v.shape[-2:][::-1] or not torch.equal(k_t.transpose(-1, -2), v):

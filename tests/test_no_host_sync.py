@@ -201,6 +201,24 @@ def test_cuda_graph_capture_serves_a_sweep(mode: str):
     result.faults.clear()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_instrument_a_model_already_on_cuda():
+    """instrument() takes a model on the GPU: example, probes and new buffers follow it."""
+    from fxsdc import models
+    model = models.load_model("gpt2", tiny=True).model.cuda()
+    result = instrument(model, checks=CHECKS)
+    x = result.example
+    assert x["input_ids"].is_cuda and all(b.is_cuda for b in result.gm.buffers())
+    batch, seq = x["input_ids"].shape
+    result.detector.reset(batch)
+    with torch.no_grad():
+        assert torch.equal(result.gm(**x)["logits"], result.original(**x)["logits"])
+        assert result.detector.total_flagged() == 0
+        result.faults.set_faults(_armed_fault(), batch, seq)
+        result.gm(**x)
+    assert result.detector.total_flagged() > 0
+
+
 # -- compiled: faults and detector resets do not recompile ---------------------------------------
 @pytest.mark.slow
 def test_compiled_does_not_recompile_on_fault_or_detector_changes(monkeypatch):

@@ -102,3 +102,29 @@ def test_check_pass_flags_nothing_clean_and_a_corrupted_product(attention):
     checked(x)
     pv = next(c for c in checked.meta["fxsdc_checks"] if c.op == "pv")
     assert checked.fxsdc_check_samples[pv.check_id].tolist()[:3] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_columns_of_wide_16_bit_projections(dtype):
+    """Column indices beyond a 16-bit format's exact integers (bfloat16: 256) still reach the
+    heads intact: GPT-2's fused c_attn with 1152 columns, the same map as in float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fxsdc.models import sample_inputs
+    from fxsdc.tracing import trace
+    from passes.insert_checks import head_columns
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=384, n_head=6, vocab_size=64, n_positions=32)
+    config._attn_implementation = "eager"  # as fxsdc.models loads them: traceable attention
+    model = GPT2LMHeadModel(config).eval()
+    example = sample_inputs(model, 2, 9)
+    maps = []
+    for model_dtype in (torch.float32, dtype):
+        gm = propagate_shapes(trace(model.to(model_dtype)), example)
+        (site,) = match_attention(gm)
+        pairs = [(site.projection(loc), site.node(loc)) for loc in ("q", "k", "v")]
+        maps.append(head_columns(gm, example, pairs))
+    for (index32, scale32), (index16, scale16) in zip(*maps):
+        assert torch.equal(index16, index32) and scale16 == scale32
+    assert int(maps[1][2][0].max()) == 3 * 384 - 1  # v's last column, beyond 2^8 and 2^11
