@@ -100,6 +100,24 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
         loaded = models.load_model(model, tiny=tiny, pretrained=pretrained, dtype=dtype)
         model = loaded.model
     model.eval()
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        # HF's fx tracer run on a GPU model gave a graph mixing devices (seen on an H200: a
+        # torch.where of CUDA and CPU tensors in shape propagation); traced on the CPU it runs
+        # anywhere. So instrument on the CPU and move everything back.
+        model.cpu()
+        try:
+            result = instrument(model, locations=locations, layers=layers, checks=checks,
+                                fault_model=fault_model, slots=slots, tiny=tiny,
+                                pretrained=pretrained, force_kv_equal=force_kv_equal,
+                                dtype=dtype, example_inputs=None if example_inputs is None else
+                                {k: v.cpu() for k, v in example_inputs.items()})
+        finally:
+            model.to(device)
+        result.gm.to(device)
+        result.original.to(device)
+        result.example = {k: v.to(device) for k, v in result.example.items()}
+        return result
     if example_inputs is None:
         example_inputs = models.sample_inputs(model, EXAMPLE_BATCH, EXAMPLE_SEQ)
     original = propagate_shapes(trace(model), example_inputs)
@@ -117,7 +135,6 @@ def instrument(model: str | nn.Module, *, locations: Sequence[str] = LOCATIONS,
             gm = insert_checks(gm, example_inputs, checks=checks, layers=chosen)
         except KNotEqualV as exc:
             raise UserError(str(exc)) from None
-    gm.to(next(model.parameters()).device)  # the passes' new buffers join the model's device
     return Instrumented(gm, gm.meta["fxsdc_sites"], original, example_inputs, loaded)
 
 
