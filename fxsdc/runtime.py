@@ -51,7 +51,6 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
                     before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Flip the bits the fault table assigns to ``site_id`` in ``x``; record before/after."""
     xs = _per_sample(x, fused_heads)
-    sample_shape = tuple(xs.shape[1:])
     numel = xs[0].numel()
     int_dtype = layout(x.dtype).int_dtype
     active = site == site_id
@@ -59,13 +58,15 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
     safe_batch = batch.clamp(0, xs.shape[0] - 1)
     if torch.compiler.is_compiling():
         # Compiled: a pointwise comparison per slot, which inductor fuses into the kernels that
-        # produce or consume x, so an idle injection node costs no extra pass over memory.
-        offset = torch.arange(numel, device=x.device).view(sample_shape)
-        sample = torch.arange(xs.shape[0], device=x.device).view((-1,) + (1,) * len(sample_shape))
+        # produce or consume x, so an idle injection node costs no extra pass over memory. One
+        # comparison of the element's flat index with the slot's target (-1 when idle, matching
+        # nothing), in int32 where it fits: GPUs emulate int64 arithmetic.
+        index_dtype = torch.int32 if xs.numel() < 2**31 else torch.int64
+        flat = torch.arange(xs.numel(), device=x.device, dtype=index_dtype).view(xs.shape)
+        target = torch.where(active, safe_batch * numel + safe_pos, -1).to(index_dtype)
         xor = torch.zeros((), dtype=int_dtype, device=x.device)
         for f in range(site.shape[0]):  # slots: a static count
-            hit = (offset == safe_pos[f]) & (sample == safe_batch[f]) & active[f]
-            xor = xor | torch.where(hit, mask[f].to(int_dtype), 0)
+            xor = xor | torch.where(flat == target[f], mask[f].to(int_dtype), 0)
     else:
         # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share an element.
