@@ -610,29 +610,53 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
       underflow: gs (1 + |s|) ((K+1) tiny_acc + r eta_out + tiny_yg);
       tol = (|s| (rho + gamma_gs(u_yg)(1 + rho) + gamma_{K+gs+4}(u_c)) Q_g + underflow) * slack.
     """
-    k_in = x.shape[-1]
-    has_bias = b_sum is not None
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    d_input_u, d_accum_u = default_gemm_roundoff(out_dtype, x.dtype)
+    terms = linear_checksum_terms(x, w_sum, w_abs_sum, b_sum, b_abs_sum)
+    return linear_checksum_verdict(terms, y_groups, in_features=x.shape[-1], in_dtype=x.dtype,
+                                   has_bias=b_sum is not None, group_size=group_size,
+                                   scale=scale, out_dtype=out_dtype, input_u=input_u,
+                                   accum_u=accum_u)
+
+
+def linear_checksum_terms(x: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Tensor,
+                          b_sum: torch.Tensor | None = None,
+                          b_abs_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM half of ``linear_checksum_score``: ``[x . w_sum + b_sum, |x| . w_abs_sum +
+    b_abs_sum]`` stacked on a new leading dim, float64, shape ``[2, *x.shape[:-1], G]`` (the
+    prediction before the scale, and Q). One batched GEMM; checks that read the same x (a
+    layer's q, k and v projections) share one call with their group sums concatenated along G."""
+    x64 = x.to(CHECK_DTYPE)
+    both = torch.bmm(torch.stack([x64, x64.abs()]).reshape(2, -1, x.shape[-1]),
+                     torch.stack([w_sum, w_abs_sum]).to(CHECK_DTYPE))
+    if b_sum is not None:
+        both = both + torch.stack([b_sum, b_abs_sum]).to(CHECK_DTYPE).unsqueeze(1)
+    return both.reshape(2, *x.shape[:-1], w_sum.shape[-1])
+
+
+def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_features: int,
+                            in_dtype: torch.dtype, has_bias: bool, group_size: int,
+                            scale: float | torch.Tensor | None = None,
+                            out_dtype: torch.dtype | None = None, input_u: float | None = None,
+                            accum_u: float | None = None) -> torch.Tensor:
+    """The comparison half of ``linear_checksum_score``: ``terms`` from
+    ``linear_checksum_terms`` (shaped like ``y_groups`` after its leading 2), the layer input's
+    width and dtype, whether the layer has a bias; the other arguments and the tolerance as in
+    ``linear_checksum_score``."""
+    k_in = in_features
+    out_dtype = in_dtype if out_dtype is None else out_dtype
+    d_input_u, d_accum_u = default_gemm_roundoff(out_dtype, in_dtype)
     g_acc = _gemm_rel(k_in + 1, d_input_u if input_u is None else input_u,
                       d_accum_u if accum_u is None else accum_u)
     tiny_acc = torch.finfo(torch.float64 if out_dtype == torch.float64 else torch.float32).tiny
     u_out = unit_roundoff(out_dtype)
     u_yg = unit_roundoff(y_groups.dtype)
-    s, s_abs = _scale_parts(scale, x.device)
+    s, s_abs = _scale_parts(scale, terms.device)
     r = 1 + int(has_bias) + (3 if scale is not None else 0)
     rho = g_acc + gamma(r, u_out) * (1 + g_acc)
     rel = s_abs * (rho + gamma(group_size, u_yg) * (1 + rho) + gamma(k_in + group_size + 4, U_CHECK))
     absolute = group_size * (s_abs + 1) * (
         (k_in + 1) * tiny_acc + r * _out_eta(out_dtype) + torch.finfo(y_groups.dtype).tiny) + _TINY_CHECK
 
-    x64 = x.to(CHECK_DTYPE)
-    pred = torch.matmul(x64, w_sum.to(CHECK_DTYPE))
-    q_abs = torch.matmul(x64.abs(), w_abs_sum.to(CHECK_DTYPE))
-    if has_bias:
-        pred = pred + b_sum.to(CHECK_DTYPE)
-        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
-    pred = pred * s
+    pred, q_abs = terms[0] * s, terms[1]
     yg = y_groups.to(CHECK_DTYPE)
     tol = (rel * q_abs + absolute) * _slack(k_in + group_size + 8)
     nonfinite = ~(torch.isfinite(yg) & torch.isfinite(pred))

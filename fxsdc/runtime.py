@@ -182,28 +182,31 @@ def scores_checksum_score(q: torch.Tensor, k_t: torch.Tensor, scores: torch.Tens
     return matmul_checksum_score(q, k_t, scores, scale=factor)
 
 
-def projection_checksum_score(x: torch.Tensor, heads: torch.Tensor, w_sum: torch.Tensor,
-                              w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None,
-                              b_abs_sum: torch.Tensor | None, *, scale: float | None,
+def projection_checksum_score(terms: torch.Tensor, heads: torch.Tensor, *,
+                              columns: tuple[int, int], in_features: int, in_dtype: torch.dtype,
+                              has_bias: bool, scale: float | None,
                               group_size: int) -> torch.Tensor:
     """ABFT of a q/k/v projection seen through the per-head tensor ``heads`` (B, H, T, D) that
-    attention consumes: each head's sum over D against x·(W's head columns)·1 + Σ bias."""
-    from .checks import linear_checksum_score
-    batch, _, seq, _ = heads.shape
+    attention consumes: each head's sum over D against x·(W's head columns)·1 + Σ bias, read
+    from ``terms[..., columns[0]:columns[1]]`` (``checks.linear_checksum_terms``, shared by the
+    projections of one input)."""
+    from .checks import linear_checksum_verdict
+    batch, heads_n, seq, _ = heads.shape
     y_groups = heads.to(torch.float64).sum(-1).transpose(1, 2)  # [B, T, H]
-    return linear_checksum_score(x.reshape(batch, seq, x.shape[-1]), y_groups, w_sum, w_abs_sum,
-                                 b_sum, b_abs_sum, group_size=group_size, scale=scale,
-                                 out_dtype=heads.dtype)
+    own = terms[..., columns[0]:columns[1]].reshape(2, batch, seq, heads_n)
+    return linear_checksum_verdict(own, y_groups, in_features=in_features, in_dtype=in_dtype,
+                                   has_bias=has_bias, group_size=group_size, scale=scale,
+                                   out_dtype=heads.dtype)
 
 
-def output_checksum_score(x: torch.Tensor, y: torch.Tensor, w_sum: torch.Tensor,
-                          w_abs_sum: torch.Tensor, b_sum: torch.Tensor | None,
-                          b_abs_sum: torch.Tensor | None) -> torch.Tensor:
+def output_checksum_score(terms: torch.Tensor, y: torch.Tensor, *, in_features: int,
+                          in_dtype: torch.dtype, has_bias: bool) -> torch.Tensor:
     """ABFT of the attention output projection: each row's sum against x·(W·1) + Σ bias."""
-    from .checks import linear_checksum_score
-    return linear_checksum_score(x, y.to(torch.float64).sum(-1, keepdim=True), w_sum, w_abs_sum,
-                                 b_sum, b_abs_sum, group_size=y.shape[-1],
-                                 out_dtype=y.dtype)[..., 0]
+    from .checks import linear_checksum_verdict
+    return linear_checksum_verdict(terms, y.to(torch.float64).sum(-1, keepdim=True),
+                                   in_features=in_features, in_dtype=in_dtype,
+                                   has_bias=has_bias, group_size=y.shape[-1],
+                                   out_dtype=y.dtype)[..., 0]
 
 
 def qo_bounds_score(logits: torch.Tensor, weights: torch.Tensor, q: torch.Tensor,

@@ -167,6 +167,20 @@ def _require_k_equals_v(gm: fx.GraphModule, example: dict[str, torch.Tensor],
                              "(instrument with force_kv_equal=True, as the seed did)")
 
 
+def _insert_terms(gm: fx.GraphModule, x: fx.Node, prefix: str,
+                  sums: dict[str, torch.Tensor]) -> fx.Node:
+    """Register the float64 column sums as buffers ``{prefix}_{name}`` and insert, right after
+    ``x`` (or after the buffer reads, when ``x`` is a placeholder), the node computing
+    ``check_math.linear_checksum_terms`` of ``x`` with them."""
+    for name, value in sums.items():
+        gm.register_buffer(f"{prefix}_{name}", value.contiguous())
+    reads = insert_buffer_reads(gm, [f"{prefix}_{name}" for name in sums])
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    with gm.graph.inserting_after(max([x, *reads], key=order.__getitem__)):
+        return gm.graph.create_node("call_function", check_math.linear_checksum_terms,
+                                    (x, *reads), name=f"{prefix}_terms")
+
+
 def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *,
                   checks: Sequence[str] = DEFAULT_CHECKS, layers: Sequence[int] | None = None
                   ) -> fx.GraphModule:
@@ -232,41 +246,53 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
 
     if projections:
         pairs = [(s.projection(loc), s.node(loc)) for s, loc in projections]
+        # One terms GEMM per projection input (q, k and v of a layer read the same x), with the
+        # heads' column sums of every projection reading it side by side.
+        groups: dict[tuple[int, fx.Node], list] = {}
         for (site, loc), (columns, scale) in zip(projections, head_columns(gm, example_inputs,
                                                                            pairs)):
             weight, bias, x = projection_params(gm, site.projection(loc))
-            prefix = f"fxsdc_abft_{loc}_{site.layer}_"
-            w = weight.double()[:, columns]  # [K, H, D]
-            sums = {"w_sum": w.sum(-1), "w_abs_sum": w.abs().sum(-1)}
-            if bias is not None:
-                b = bias.double()[columns]
-                sums.update(b_sum=b.sum(-1), b_abs_sum=b.abs().sum(-1))
-            for name, value in sums.items():
-                gm.register_buffer(prefix + name, value.contiguous())
-            reads = insert_buffer_reads(gm, [prefix + n for n in sums])
-            if bias is None:
-                reads += [None, None]
-            heads = site.consumed(loc)
-            add(site.layer, "abft", f"{loc}_proj", heads, runtime.projection_checksum_score,
-                (x, heads, *reads), {"scale": None if scale == 1.0 else scale,
+            groups.setdefault((site.layer, x), []).append((site, loc, columns, scale, weight,
+                                                           bias))
+        for (layer, x), members in groups.items():
+            sums: dict[str, list[torch.Tensor]] = {"w_sum": [], "w_abs_sum": [], "b_sum": [],
+                                                   "b_abs_sum": []}
+            for _, _, columns, _, weight, bias in members:
+                w = weight.double()[:, columns]  # [K, H, D]
+                b = torch.zeros(columns.shape, dtype=torch.float64) if bias is None else \
+                    bias.double()[columns]  # a missing bias adds exact zeros
+                sums["w_sum"].append(w.sum(-1))
+                sums["w_abs_sum"].append(w.abs().sum(-1))
+                sums["b_sum"].append(b.sum(-1))
+                sums["b_abs_sum"].append(b.abs().sum(-1))
+            names = "".join(loc for _, loc, *_ in members)
+            terms = _insert_terms(gm, x, f"fxsdc_abft_{names}_{layer}",
+                                  {k: torch.cat(v, -1) for k, v in sums.items()})
+            first = 0
+            for site, loc, columns, scale, weight, bias in members:
+                heads = site.consumed(loc)
+                add(site.layer, "abft", f"{loc}_proj", heads, runtime.projection_checksum_score,
+                    (terms, heads), {"columns": (first, first + columns.shape[0]),
+                                     "in_features": weight.shape[0],
+                                     "in_dtype": x.meta["tensor_meta"].dtype,
+                                     "has_bias": bias is not None,
+                                     "scale": None if scale == 1.0 else scale,
                                      "group_size": columns.shape[1]})
+                first += columns.shape[0]
         for site in {s.layer: s for s, _ in projections}.values():
             if site.out_proj is None:
                 continue
             weight, bias, x = projection_params(gm, site.out_proj)
-            prefix = f"fxsdc_abft_out_{site.layer}_"
             w = weight.double()
-            sums = {"w_sum": w.sum(-1, keepdim=True), "w_abs_sum": w.abs().sum(-1, keepdim=True)}
-            if bias is not None:
-                sums.update(b_sum=bias.double().sum().reshape(1),
-                            b_abs_sum=bias.double().abs().sum().reshape(1))
-            for name, value in sums.items():
-                gm.register_buffer(prefix + name, value.contiguous())
-            reads = insert_buffer_reads(gm, [prefix + n for n in sums])
-            if bias is None:
-                reads += [None, None]
+            b = torch.zeros(1, dtype=torch.float64) if bias is None else bias.double()
+            terms = _insert_terms(gm, x, f"fxsdc_abft_out_{site.layer}",
+                                  {"w_sum": w.sum(-1, keepdim=True),
+                                   "w_abs_sum": w.abs().sum(-1, keepdim=True),
+                                   "b_sum": b.sum().reshape(1), "b_abs_sum": b.abs().sum().reshape(1)})
             add(site.layer, "abft", "out_proj", site.out_proj, runtime.output_checksum_score,
-                (x, site.out_proj, *reads))
+                (terms, site.out_proj), {"in_features": weight.shape[0],
+                                         "in_dtype": x.meta["tensor_meta"].dtype,
+                                         "has_bias": bias is not None})
 
     for name, value in state_buffers(len(infos), batch).items():
         gm.register_buffer(STATE_PREFIX + name, value)
