@@ -132,8 +132,8 @@ def head_columns(gm: fx.GraphModule, example: dict[str, torch.Tensor],
     # u) and division by the scale rounds back to it (bfloat16: b = 64, two probes for 4096
     # columns; float32: b = 2^22, one probe).
     widest = max(p.meta["tensor_meta"].shape[-1] for p in projections)
-    dtype = projections[0].meta["tensor_meta"].dtype
-    base = min(2**22, int(1 / (4 * (torch.finfo(dtype).eps / 2))))
+    u = max(torch.finfo(p.meta["tensor_meta"].dtype).eps / 2 for p in projections)
+    base = min(2**22, int(1 / (4 * u)))
     digits = []
     while not digits or base ** len(digits) < widest:
         power = base ** len(digits)
