@@ -222,13 +222,11 @@ def _load_tokenizer(where: str, local_only: bool) -> Any | None:
 
 def sample_inputs(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 12,
                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """A deterministic input with padding at the end of the last row, so that masks matter; on
-    the model's device."""
+    """A deterministic input with padding at the end of the last row, so that masks matter."""
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
     attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
     if batch_size > 1 and seq_len > 3:
         attention_mask[-1, -(seq_len // 4):] = 0
-    device = next(model.parameters()).device
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
