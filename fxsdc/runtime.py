@@ -57,16 +57,19 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
     safe_pos = pos.clamp(0, numel - 1)
     safe_batch = batch.clamp(0, xs.shape[0] - 1)
     if torch.compiler.is_compiling():
-        # Compiled: a pointwise comparison per slot, which inductor fuses into the kernels that
-        # produce or consume x, so an idle injection node costs no extra pass over memory. One
-        # comparison of the element's flat index with the slot's target (-1 when idle, matching
-        # nothing), in int32 where it fits: GPUs emulate int64 arithmetic.
+        # Compiled: per slot, a pointwise select of the element with its bits flipped, which
+        # inductor fuses into the kernels that produce or consume x, so an idle injection node
+        # costs no extra pass over memory. One comparison of the element's flat index with the
+        # slot's target (-1 when idle, matching nothing), in int32 where it fits: GPUs emulate
+        # int64 arithmetic.
         index_dtype = torch.int32 if xs.numel() < 2**31 else torch.int64
         flat = torch.arange(xs.numel(), device=x.device, dtype=index_dtype).view(xs.shape)
         target = torch.where(active, safe_batch * numel + safe_pos, -1).to(index_dtype)
-        xor = torch.zeros((), dtype=int_dtype, device=x.device)
+        bits = xs.view(int_dtype)
+        flipped = xs
         for f in range(site.shape[0]):  # slots: a static count
-            xor = xor | torch.where(flat == target[f], mask[f].to(int_dtype), 0)
+            flipped = torch.where(flat == target[f], (bits ^ mask[f].to(int_dtype)).view(x.dtype),
+                                  flipped)
     else:
         # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share an element.
@@ -74,14 +77,17 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
         target = torch.where(active, safe_batch * numel + safe_pos, total)
         xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
             (target,), mask.to(int_dtype))[:total].view(xs.shape)
-    flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
+        flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
 
-    # The slots' elements are read through an opaque op: a plain gather lets inductor fuse the
-    # records of every site into one late kernel that keeps each site's tensor alive until then
-    # (measured: +680 MiB peak on 12-layer GPT-2). The host merges slots on one element, so each
-    # active slot's value after the flip is its value before XOR its own mask.
-    hit = take_elements(xs, safe_batch, safe_pos)
-    flipped_hit = (hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
+    # The slots' elements are read after the flip (what consumers see) through an opaque op:
+    # that makes inductor materialise the injected tensor, which the next op (a GEMM, or the copy
+    # feeding one) needs materialised in most sites anyway, whereas reading x would materialise
+    # x as well; a plain gather lets inductor fuse the records of every site into one late
+    # kernel that keeps each site's tensor alive until then (measured: +680 MiB peak on 12-layer
+    # GPT-2). The host merges slots on one element, so an active slot's value before the flip is
+    # its value after XOR its own mask.
+    flipped_hit = take_elements(flipped, safe_batch, safe_pos)
+    hit = (flipped_hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
     before.copy_(torch.where(active, hit.to(before.dtype), before))
     after.copy_(torch.where(active, flipped_hit.to(after.dtype), after))
     return flipped.view(x.shape)

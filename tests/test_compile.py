@@ -78,3 +78,35 @@ def test_switching_faults_does_not_recompile(compiled, monkeypatch):
         off = module(**x)
     assert compare_outputs(first, off)[0]
     assert counters["stats"]["unique_graphs"] == frames
+
+
+def _attention_sized_buffers(module, inputs: dict[str, torch.Tensor], numel: int) -> list[str]:
+    """The buffers of at least ``numel`` elements that inductor's generated code for ``module``
+    allocates (its ``empty_strided`` calls), as their shape strings."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(module), **inputs)
+    shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", "\n".join(code))
+    return [s for s in shapes if torch.Size(int(d) for d in s.split(",") if d.strip()).numel()
+            >= numel]
+
+
+def test_idle_injection_adds_no_attention_sized_buffer():
+    """With faults off, the injection nodes must not make inductor materialise another
+    (B, H, T, T) tensor: on a GPU, where attention is memory-bound, every extra pass over the
+    scores or weights costs time and memory (measured on an H200 with the earlier records, which
+    read the element before the flip: +20 % compiled peak)."""
+    result = instrument("gpt2", tiny=True)
+    batch, seq = 2, 64  # T > head dim: (B, H, T, D) tensors are smaller than the scores
+    heads = result.sites[0].shape_for(seq)[0]
+    ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    scores = batch * heads * seq * seq
+    original = _attention_sized_buffers(result.original, inputs, scores)
+    instrumented = _attention_sized_buffers(result.gm, inputs, scores)
+    assert original, "the original allocates its scores; the probe must see them"
+    assert len(instrumented) <= len(original), (original, instrumented)
