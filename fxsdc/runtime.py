@@ -48,8 +48,11 @@ def _per_sample(x: torch.Tensor, fused_heads: int) -> torch.Tensor:
 
 def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch.Tensor,
                     batch: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                    before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Flip the bits the fault table assigns to ``site_id`` in ``x``; record before/after."""
+                    before: torch.Tensor, after: torch.Tensor, *,
+                    read_input: bool = False) -> torch.Tensor:
+    """Flip the bits the fault table assigns to ``site_id`` in ``x``; record before/after.
+    ``read_input``: read the records from ``x`` (best when x is a GEMM's output, materialised
+    anyway) rather than from the flipped tensor (see below)."""
     xs = _per_sample(x, fused_heads)
     numel = xs[0].numel()
     int_dtype = layout(x.dtype).int_dtype
@@ -79,15 +82,19 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
             (target,), mask.to(int_dtype))[:total].view(xs.shape)
         flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
 
-    # The slots' elements are read after the flip (what consumers see) through an opaque op:
-    # that makes inductor materialise the injected tensor, which the next op (a GEMM, or the copy
-    # feeding one) needs materialised in most sites anyway, whereas reading x would materialise
-    # x as well; a plain gather lets inductor fuse the records of every site into one late
-    # kernel that keeps each site's tensor alive until then (measured: +680 MiB peak on 12-layer
-    # GPT-2). The host merges slots on one element, so an active slot's value before the flip is
-    # its value after XOR its own mask.
-    flipped_hit = take_elements(flipped, safe_batch, safe_pos)
-    hit = (flipped_hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
+    # The slots' elements are read through an opaque op, which makes inductor materialise the
+    # tensor it reads: x where x is a GEMM's output (materialised anyway), else the flipped
+    # tensor, which the next op (a GEMM, or the copy feeding one) usually needs materialised too,
+    # where reading x would materialise both. A plain gather lets inductor fuse the records of
+    # every site into one late kernel that keeps each site's tensor alive until then (measured:
+    # +680 MiB peak on 12-layer GPT-2). The host merges slots on one element, so an active
+    # slot's values before and after the flip differ by exactly its own mask.
+    if read_input:
+        hit = take_elements(xs, safe_batch, safe_pos)
+        flipped_hit = (hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
+    else:
+        flipped_hit = take_elements(flipped, safe_batch, safe_pos)
+        hit = (flipped_hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
     before.copy_(torch.where(active, hit.to(before.dtype), before))
     after.copy_(torch.where(active, flipped_hit.to(after.dtype), after))
     return flipped.view(x.shape)

@@ -8,16 +8,18 @@ compiled module serves every trial of a sweep without recompiling.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxsdc import runtime
 
 from .graph_utils import clone_graph_module, insert_buffer_reads
 from .match_attention import LOCATIONS, is_tensor, match_attention, tensor_users
+from .ops import is_op
 
 FAULT_MODELS = ("bitflip", "probabilistic")
 
@@ -68,6 +70,22 @@ def _fused_heads(shape: Sequence[int], batch: int) -> int:
     return 0 if shape[0] == batch else shape[0] // batch
 
 
+def reads_gemm_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a GEMM's output or a view of one (views, transposes, a split's
+    pieces): under torch.compile a buffer that exists anyway, so an injection node can read its
+    records from it without making inductor materialise another tensor."""
+    while True:
+        if is_op(node, "matmul") or is_op(node, "linear", modules):
+            return True
+        if is_op(node, "view") or is_op(node, "permute"):
+            node = node.args[0]
+        elif (node.op == "call_function" and node.target is operator.getitem
+              and isinstance(node.args[0], fx.Node) and is_op(node.args[0], "view")):
+            node = node.args[0]
+        else:
+            return False
+
+
 def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOCATIONS,
                            layers: Sequence[int] | None = None, fault_model: str = "bitflip",
                            slots: int = 1) -> fx.GraphModule:
@@ -90,6 +108,7 @@ def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOC
         gm.register_buffer(BUFFER_PREFIX + name, value)
     reads = insert_buffer_reads(gm, [BUFFER_PREFIX + n for n in names])
     inject = runtime.inject_random if fault_model == "probabilistic" else runtime.inject_bitflips
+    modules = dict(gm.named_modules())
 
     sites: list[SiteInfo] = []
     for layer in chosen_layers:
@@ -101,8 +120,10 @@ def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOC
             site_id = len(sites)
             users = tensor_users(target)
             with gm.graph.inserting_after(target):
+                kwargs = ({"read_input": True} if inject is runtime.inject_bitflips
+                          and reads_gemm_output(target, modules) else {})
                 node = gm.graph.create_node("call_function", inject,
-                                            (target, site_id, fused, *reads),
+                                            (target, site_id, fused, *reads), kwargs,
                                             name=f"fxsdc_inject_{location}_{layer}")
             node.meta["tensor_meta"] = meta
             node.meta["fxsdc_site"] = (layer, location)

@@ -25,6 +25,8 @@ _TABLE: dict[str, tuple[frozenset, frozenset[str], tuple[type, ...]]] = {
     "cast": (frozenset(), frozenset({"to", "type", "float", "half", "bfloat16"}), ()),
     "permute": (frozenset({torch.transpose, torch.permute}),
                 frozenset({"transpose", "permute"}), ()),
+    # Ops whose output always aliases their input's storage (a split's pieces: its getitems).
+    "view": (frozenset({torch.split, torch.chunk}), frozenset({"view", "split", "chunk"}), ()),
     "layout": (frozenset({torch.reshape, torch.flatten}),
                frozenset({"view", "reshape", "contiguous", "expand", "flatten"}), ()),
     "scale": (frozenset({operator.truediv, operator.mul, torch.div, torch.mul}),

@@ -128,3 +128,17 @@ def test_head_columns_of_wide_16_bit_projections(dtype):
     for (index32, scale32), (index16, scale16) in zip(*maps):
         assert torch.equal(index16, index32) and scale16 == scale32
     assert int(maps[1][2][0].max()) == 3 * 384 - 1  # v's last column, beyond 2^8 and 2^11
+
+
+@pytest.mark.parametrize("name, reads_input", [
+    ("gpt2", {"q", "k", "v", "out"}),  # q/k/v: views of the fused projection's addmm
+    ("facebook/opt-125m", {"k", "v", "scores", "out"}),  # q is scaled after its projection
+])
+def test_records_read_gemm_outputs_only(name, reads_input):
+    """Injection nodes read their records from the site's input only where it is a GEMM's output
+    (a buffer under torch.compile anyway); elsewhere from the flipped tensor."""
+    import fxsdc
+    result = fxsdc.instrument(name, tiny=True, layers=[0])
+    nodes = result.gm.graph.find_nodes(op="call_function", target=fxsdc.runtime.inject_bitflips)
+    assert len(nodes) == len(result.sites)
+    assert {n.meta["fxsdc_site"][1] for n in nodes if n.kwargs.get("read_input")} == reads_input
