@@ -125,6 +125,20 @@ def machine_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit() -> str | None:
+    """The checkout's commit, with "-dirty" when tracked files differ from it: which code a
+    result belongs to; None outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD"],
+                               capture_output=True, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -610,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     load_start = os.getloadavg()
     meta: dict[str, Any] = {
-        "argv": sys.argv[1:] if argv is None else argv, "device": str(device),
+        "argv": sys.argv[1:] if argv is None else argv, "commit": source_commit(),
+        "device": str(device),
         "machine": machine_name(device), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
