@@ -26,7 +26,8 @@ import torch
 from scipy.special import lambertw
 from torch import nn
 
-from fxsdc.checks import CHECK_DTYPE, softmax_bounds_tolerance, softmax_row_stats, valid_keys
+from fxsdc.checks import (CHECK_DTYPE, nan_or_posinf, not_finite, softmax_bounds_tolerance,
+                          softmax_row_stats, valid_keys)
 
 
 def lambertw_table(n_max: int) -> torch.Tensor:
@@ -97,7 +98,10 @@ def compute_attention_bounds(scores: torch.Tensor, p: torch.Tensor, d: int | flo
     """
     stats = softmax_row_stats(scores, p, lambertw_table(scores.shape[-1]).to(scores.device), mask)
     tolerance = softmax_bounds_tolerance(stats, p.dtype, scores.shape[-1])
-    valid = stats["checkable"]
+    # The runtime statistics see NaN logits only through the weights (a softmax row with a NaN
+    # input is NaN throughout); here p need not be softmax(scores), so every element is tested.
+    nonfinite = stats["nonfinite"] | nan_or_posinf(scores).any(-1) | not_finite(p).any(-1)
+    valid = stats["checkable"] & ~nonfinite
     unit = _unit(d)
     nan = torch.full((), math.nan, dtype=CHECK_DTYPE, device=valid.device)
 
@@ -113,7 +117,7 @@ def compute_attention_bounds(scores: torch.Tensor, p: torch.Tensor, d: int | flo
         upper1=bound(stats["upper1"]) * unit, upper2=bound(stats["upper2"]) * unit,
         upper=bound(upper) * unit, lower=bound(lower) * unit,
         tolerance=bound(tolerance) * unit,
-        n=stats["n"], nonfinite=stats["nonfinite"], valid_mask=valid,
+        n=stats["n"], nonfinite=nonfinite, valid_mask=valid,
     )
 
 

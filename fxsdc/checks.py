@@ -25,9 +25,12 @@ per-element work of the two softmax checks (below):
   materialised (8 bytes per element of the checked tensors).
 
 **The softmax checks' per-element arithmetic is float32** (``element_dtype``; float64 for
-float64 inputs), their per-row arithmetic float64. They take ~40 vector operations per element
-(counts, two maxima, a minimum, six sums), which on CPUs is compute-bound: float32 vectors hold
-twice the lanes (measured: 2.25x faster than float64 on [4, 12, 256, 256], 2-core AVX-512 CPU).
+float64 inputs), their per-row arithmetic float64. They take ~30 vector operations per element
+(a count, three maxima, two minima, six sums), which on CPUs is compute-bound: float32 vectors
+hold twice the lanes (measured: 2.25x faster than float64 on [4, 12, 256, 256], 2-core AVX-512
+CPU), and each operation saved counts, so non-finite values are found from row sums (a sum is
+NaN or infinite iff a term is, or it overflowed, and then the row is flagged too) rather than
+by per-element tests.
 float32 holds float32/bfloat16/float16 inputs exactly, so maxima, minima and counts stay exact;
 only the products and sums round, at u_e = 2^-24, which the tolerances charge: gamma_L(u_e)
 times the sum of the magnitudes (Higham's dot-product bound again), about 1/6 of a float32
@@ -327,12 +330,20 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
     length = weights.shape[-1]
     tol_sum, tol_range = softmax_sum_tolerances(weights.dtype, length)
     w = weights.to(element_dtype(weights.dtype))
-    sum_violation = (w.sum(-1).to(CHECK_DTYPE) - 1).abs()
-    range_violation = torch.maximum(-w, w - 1).clamp(min=0).amax(-1).to(CHECK_DTYPE)
+    total = w.sum(-1).to(CHECK_DTYPE)
+    sum_violation = (total - 1).abs()
+    # max_j max(-w_j, w_j - 1, 0) from the row's extremes: two reductions, no per-element
+    # arithmetic (NaN propagates through both, and _finish reports a NaN score as +inf).
+    range_violation = torch.maximum(-w.amin(-1), w.amax(-1) - 1).clamp(min=0).to(CHECK_DTYPE)
     score = torch.maximum(sum_violation / tol_sum, range_violation / tol_range)
-    nonfinite = not_finite(w).any(-1)
+    nonfinite = not_finite(total)  # a NaN/Inf weight makes the sum NaN/Inf
     checkable = None
-    if logits is not None:
+    if logits is not None and mask is None:
+        # Some valid key iff the row maximum is one: the same reduction as the softmax's own
+        # maximum (computed in float32, as the softmax does), which inductor then shares.
+        row_max = logits.to(element_dtype(logits.dtype)).amax(-1)
+        checkable = row_max > torch.finfo(logits.dtype).min / 2
+    elif logits is not None:
         checkable = valid_keys(logits, mask).any(-1)
     elif mask is not None:
         checkable = mask.to(torch.bool).expand_as(w).any(-1)
@@ -373,8 +384,10 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
     ``w_n`` = W((n-1)/e), ``a_min`` = min_V a, ``m1`` >= sum_V |w_j a_j|, ``m0`` >= sum_V |a_j|
     (upper bounds: the sums are taken in ``element_dtype`` and scaled up by 1 / (1 - gamma_L(u_e)),
     since a computed sum of L non-negative terms is at least (1 - gamma_L) times the exact one),
-    ``checkable`` (n >= 2 and finite) and ``nonfinite`` (a NaN or +Inf logit anywhere in the row,
-    or a NaN/Inf weight anywhere). Values in rows that are not checkable are unspecified.
+    ``checkable`` (n >= 2 and finite) and ``nonfinite`` (a NaN/Inf weight anywhere in the row, a
+    +Inf valid logit, or a row sum that overflowed; found from the row sums, see the module
+    docstring. NaN logits are not valid keys and are seen through the weights: a softmax row
+    with a NaN input is NaN throughout). Values in rows that are not checkable are unspecified.
     ``w_table``: ``bounds.lambertw_table(n_max)`` with ``n_max >= logits.shape[-1]`` (any float
     dtype, on the logits' device; float64 keeps it exact).
     """
@@ -397,16 +410,20 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
     a_star, second = (v.to(CHECK_DTYPE) for v in top2_values(a, valid))
     gam = a_star - second
     a_v = torch.where(valid, a, zero)
-    w_v = torch.where(valid, w, zero)
-    wa = w_v * a_v
+    wa = torch.where(valid, w * a, zero)
     nf = n.to(CHECK_DTYPE)
-    epsilon = a_star - wa.sum(-1).to(CHECK_DTYPE)
-    w_star = w_v.amax(-1).to(CHECK_DTYPE)
+    wa_sum = wa.sum(-1).to(CHECK_DTYPE)
+    epsilon = a_star - wa_sum
+    w_star = torch.where(valid, w, zero).amax(-1).to(CHECK_DTYPE)
     w_n = w_table.to(CHECK_DTYPE)[n]
     grow = 1.0 / (1.0 - gamma(length, unit_roundoff(elem)))
     e = torch.exp(-gam)
     tail = (nf - 1) * gam * e / (1 + (nf - 1) * e)
-    nonfinite = nan_or_posinf(a).any(-1) | not_finite(w).any(-1)
+    m1 = wa.abs().sum(-1).to(CHECK_DTYPE) * grow
+    m0 = a_v.abs().sum(-1).to(CHECK_DTYPE) * grow
+    # Non-finite inputs from row sums instead of per-element tests: a NaN/Inf weight makes the
+    # sum of all weights NaN/Inf, a +Inf valid logit makes m0 infinite.
+    nonfinite = not_finite(w.sum(-1)) | not_finite(m0) | not_finite(m1) | not_finite(wa_sum)
     return {
         "n": n,
         "a_star": a_star,
@@ -420,8 +437,8 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
         "w_n": w_n,
         "a_min": torch.where(valid, a, torch.full((), math.inf, dtype=elem,
                                                    device=a.device)).amin(-1).to(CHECK_DTYPE),
-        "m1": wa.abs().sum(-1).to(CHECK_DTYPE) * grow,
-        "m0": a_v.abs().sum(-1).to(CHECK_DTYPE) * grow,
+        "m1": m1,
+        "m0": m0,
         "checkable": (n >= 2) & ~nonfinite,
         "nonfinite": nonfinite,
     }

@@ -128,6 +128,22 @@ def test_softmax_nonfinite_and_uncheckable_rows() -> None:
         checks.softmax_bounds_score(x, w, lambertw_table(4))
 
 
+def test_softmax_checks_find_nonfinite_inputs_from_row_sums() -> None:
+    """The runtime checks find non-finite values through row sums, not per-element tests: each
+    kind of non-finite input still makes its row's score +inf, wherever it sits."""
+    x = torch.randn(5, 8)
+    w = torch.softmax(x, -1)
+    x[0, 2] = math.inf  # a +Inf valid logit (weights left finite)
+    w[1, 3] = math.nan
+    x[2, 7] = torch.finfo(torch.float32).min  # a masked key ...
+    w[2, 7] = math.inf  # ... whose weight is +Inf
+    w[3, 0] = -w[3, 0]  # finite but negative: a range violation, not a non-finite row
+    bounds = checks.softmax_bounds_score(x, w, lambertw_table(8))
+    sums = checks.softmax_sum_score(w, x)
+    assert bounds[:3].tolist() == [math.inf] * 3 and sums[1:3].tolist() == [math.inf] * 2
+    assert math.isfinite(sums[3]) and sums[3] > 1 and sums[4] <= 1 and bounds[4] <= 1
+
+
 # ------------------------------------------------------------------ clean matmuls
 
 SCALES = {
