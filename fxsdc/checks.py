@@ -581,16 +581,47 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     # where an extern GEMV would need a materialised float64 copy of A. Same dot products, so
     # the same gamma_k bound (any summation order).
     b_sum = b64.sum(-1).unsqueeze(-2)
-    b_abs_sum = b64.abs().sum(-1).unsqueeze(-2)
     rhs = (a64 * b_sum).sum(-1) * s
-    c_abs = c64.abs().sum(-1)
-    q_abs = (a64.abs() * b_abs_sum).sum(-1)
+    c_abs, q_abs = _checksum_magnitudes(a, b, c)
     rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK))
     rel_c = gamma(1 if scale is None else 2, u_out) + gamma(m, U_CHECK)
     absolute = m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out) + _TINY_CHECK
     tol = (rel_q * q_abs + rel_c * c_abs + absolute) * _slack(m + k + 8)
     nonfinite = ~(torch.isfinite(lhs) & torch.isfinite(rhs))
     return _finish((lhs - rhs).abs(), tol, nonfinite)
+
+
+def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bounds, float64, on S = sum_j |c_ij| and Q = sum_l |a_il| sum_j |b_lj| for
+    ``matmul_checksum_score``, summed in the element dtype e (float32 unless an input is
+    float64; exact conversions): they only scale the tolerance, and float32 halves the
+    per-element cost of the pass over A and C (measured with the float32 projection sums and
+    ``upper_matmul``: the ABFT cost of one GPT-2 layer, CPU float32 4 x 256, 26 -> 14 ms).
+
+    A computed sum of n non-negative terms is at least (1 - gamma_n(u_e)) times the exact sum of
+    the terms it adds (any order), and a term that is a flushed subnormal or an underflowed
+    product loses under tiny_e: so S <= (S_hat + m tiny) / (1 - gamma_m). For Q, each
+    B_l = sum_j |b_lj| is first raised to B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then
+    Q <= (Q_hat + k tiny (1 + max B~)) / ((1 - gamma_k)(1 - gamma_m)) (k products and
+    additions; a flushed a_l loses under tiny B~_l). 2^-50 covers the float64 roundings here.
+    """
+    dtype = element_dtype(a.dtype, b.dtype, c.dtype)
+    u = unit_roundoff(dtype)
+    tiny = torch.finfo(dtype).tiny
+    k, m = a.shape[-1], b.shape[-1]
+    g_m, g_k = gamma(m, u), gamma(k, u)
+    if g_m >= 1 or g_k >= 1:  # no bound: an infinite tolerance never flags
+        inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
+        return inf, inf
+    row_b = b.to(dtype).abs().sum(-1) + m * tiny
+    s_hat = c.to(dtype).abs().sum(-1).to(CHECK_DTYPE)
+    q_hat = (a.to(dtype).abs() * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
+    grow = 1 + 2.0 ** -50
+    c_abs = (s_hat + m * tiny) * (grow / (1 - g_m))
+    b_max = row_b.amax(-1, keepdim=True).to(CHECK_DTYPE)  # broadcasts over the rows of A
+    q_abs = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_k) * (1 - g_m)))
+    return c_abs, q_abs
 
 
 def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.Tensor,
@@ -616,8 +647,8 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
     autocast's rounding of x and W when x is finer than ``out_dtype``; W is assumed stored no
     finer than x). Returns a score of shape ``y_groups.shape`` (one per token and head).
 
-    Tolerance, with Q_g = sum_l |x_l| w_abs_sum[l, g] + b_abs_sum[g] (= sum over the group of
-    |x||W| + |b|) and r roundings at u_out or finer (GEMM result, bias add, and for a scale its
+    Tolerance, with Q_g >= sum_l |x_l| w_abs_sum[l, g] + b_abs_sum[g] (= sum over the group of
+    |x||W| + |b|; an upper bound from ``upper_matmul``) and r roundings at u_out or finer (GEMM result, bias add, and for a scale its
     opmath conversion, a reciprocal if the model divides, the product: r = 1 + [bias] + 3 [scale]):
       per column:  |y_c - s(xW + b)_c| <= |s| rho (P_c + |b_c|),
                    rho = rel_{K+1} + gamma_r(u_out) (1 + rel_{K+1})   (rel_k as in the matmul
@@ -637,16 +668,48 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
 def linear_checksum_terms(x: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Tensor,
                           b_sum: torch.Tensor | None = None,
                           b_abs_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMM half of ``linear_checksum_score``: ``[x . w_sum + b_sum, |x| . w_abs_sum +
-    b_abs_sum]`` stacked on a new leading dim, float64, shape ``[2, *x.shape[:-1], G]`` (the
-    prediction before the scale, and Q). One batched GEMM; checks that read the same x (a
-    layer's q, k and v projections) share one call with their group sums concatenated along G."""
-    x64 = x.to(CHECK_DTYPE)
-    both = torch.bmm(torch.stack([x64, x64.abs()]).reshape(2, -1, x.shape[-1]),
-                     torch.stack([w_sum, w_abs_sum]).to(CHECK_DTYPE))
+    """The GEMM half of ``linear_checksum_score``: ``[x . w_sum + b_sum, Q]`` stacked on a new
+    leading dim, float64, shape ``[2, *x.shape[:-1], G]`` (the prediction before the scale, and
+    an upper bound Q >= |x| . w_abs_sum + b_abs_sum). Checks that read the same x (a layer's q,
+    k and v projections) share one call with their group sums concatenated along G. The
+    prediction is a float64 GEMM; Q only scales the tolerance, so it comes from a GEMM in the
+    element dtype (``upper_matmul``), which on CPUs runs at twice the rate and needs no float64
+    copy of x (measured with the float32 per-head sums of ``runtime.projection_checksum_score``:
+    the ABFT cost of one GPT-2 layer, CPU float32 4 x 256, 26 -> 17 ms in paired runs)."""
+    rows = x.reshape(-1, x.shape[-1])
+    pred = rows.to(CHECK_DTYPE) @ w_sum.to(CHECK_DTYPE)
+    q_abs = upper_matmul(rows.abs(), w_abs_sum)
     if b_sum is not None:
-        both = both + torch.stack([b_sum, b_abs_sum]).to(CHECK_DTYPE).unsqueeze(1)
-    return both.reshape(2, *x.shape[:-1], w_sum.shape[-1])
+        pred = pred + b_sum.to(CHECK_DTYPE)
+        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
+    return torch.stack([pred, q_abs]).reshape(2, *x.shape[:-1], w_sum.shape[-1])
+
+
+def upper_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An upper bound, in float64, on ``a @ b`` for non-negative ``a[M, K]`` (any float dtype)
+    and ``b[K, N]`` (float64), from a GEMM in ``element_dtype(a.dtype)`` (float32 unless a is
+    float64).
+
+    The computed product is at least the exact one times (1 - d_in)^2 (1 - u) (1 - gamma_K(2u))
+    minus K tiny, whatever the backend does: b's rounding to the GEMM's dtype (u); each operand's
+    rounding inside the GEMM, d_in = 2^-7 for float32 GEMMs (torch's coarsest float32 matmul
+    precision rounds operands to bfloat16, by truncation at worst; TF32 is finer) and 0 for
+    float64; K non-negative products accumulated in any order by a possibly truncating
+    accumulator (gamma_K(2u), as ``_ACC_FACTOR``). Near underflow: b is raised to at least the
+    dtype's smallest normal ``tiny`` (so its rounding stays relative), a flushed subnormal a_l
+    loses under tiny * b_l, and a product that underflows loses under tiny. So (computed + K tiny
+    (1 + max b)) / that factor bounds the exact product; the factor also carries 2^-50 for the
+    float64 roundings of this correction.
+    """
+    dtype = element_dtype(a.dtype)
+    u = unit_roundoff(dtype)
+    tiny = torch.finfo(dtype).tiny
+    k = a.shape[-1]
+    d_in = 2.0 ** -7 if dtype == torch.float32 else 0.0
+    low = (1 - d_in) ** 2 * (1 - u) * (1 - gamma(k, _ACC_FACTOR * u))
+    grow = (1 + 2.0 ** -50) / low if low > 0 else math.inf
+    product = (a.to(dtype) @ b.to(dtype).clamp(min=tiny)).to(CHECK_DTYPE)
+    return (product + k * tiny * (1 + b.amax())) * grow
 
 
 def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_features: int,

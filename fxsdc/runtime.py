@@ -203,9 +203,13 @@ def projection_checksum_score(terms: torch.Tensor, heads: torch.Tensor, *,
     attention consumes: each head's sum over D against x·(W's head columns)·1 + Σ bias, read
     from ``terms[..., columns[0]:columns[1]]`` (``checks.linear_checksum_terms``, shared by the
     projections of one input)."""
-    from .checks import linear_checksum_verdict
+    from .checks import element_dtype, linear_checksum_verdict
     batch, heads_n, seq, _ = heads.shape
-    y_groups = heads.to(torch.float64).sum(-1).transpose(1, 2)  # [B, T, H]
+    # Each head's sum in float32 (float64 for float64 heads): the verdict charges its rounding,
+    # gamma_D(2^-24), about 4 % of the projection's own error bound at D = 64, K = 768, and
+    # float32 vectors hold twice the lanes. (The output projection's sums, over K columns,
+    # stay in float64: there it would be half as large as the bound.)
+    y_groups = heads.to(element_dtype(heads.dtype)).sum(-1).transpose(1, 2)  # [B, T, H]
     own = terms[..., columns[0]:columns[1]].reshape(2, batch, seq, heads_n)
     return linear_checksum_verdict(own, y_groups, in_features=in_features, in_dtype=in_dtype,
                                    has_bias=has_bias, group_size=group_size, scale=scale,

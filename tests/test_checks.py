@@ -144,6 +144,40 @@ def test_softmax_checks_find_nonfinite_inputs_from_row_sums() -> None:
     assert math.isfinite(sums[3]) and sums[3] > 1 and sums[4] <= 1 and bounds[4] <= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [1e-40, 1e-3, 1.0, 1e20])
+def test_upper_matmul_bounds_the_exact_product(dtype: torch.dtype, scale: float) -> None:
+    """``upper_matmul`` (the magnitude Q of the projection checksums, from a GEMM in the element
+    dtype) is never below the exact product, and at most a few per cent above it."""
+    gen = torch.Generator().manual_seed(7)
+    k = 768
+    a = (torch.rand(64, k, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    b = torch.rand(k, 36, generator=gen, dtype=torch.float64) * 40
+    b[::7] = 1e-45  # below float32's smallest normal
+    exact = a.double() @ b  # float64: within gamma_K(2^-53) of the exact product
+    upper = checks.upper_matmul(a.abs(), b)
+    assert (upper >= exact / (1 - checks.gamma(k, 2.0**-53))).all()
+    tiny = k * torch.finfo(checks.element_dtype(dtype)).tiny * (1 + 40)
+    assert (upper <= exact * 1.02 + 2 * tiny).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-40, 1.0, 1e30])
+def test_checksum_magnitudes_bound_the_exact_sums(dtype: torch.dtype, scale: float) -> None:
+    """The magnitudes that scale the matmul checksum's tolerance, summed in float32, are never
+    below the exact sum_j |c_ij| and sum_l |a_il| sum_j |b_lj| (float64 references, exact to
+    far below float32's rounding; float64 inputs would need an exact reference)."""
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.randn(2, 3, 40, 64, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    b = (torch.randn(2, 3, 64, 256, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    c = (a.double() @ b.double()).to(dtype)
+    c_abs, q_abs = checks._checksum_magnitudes(a, b, c)
+    slack = 1 / (1 - checks.gamma(512, 2.0**-53))  # float64 reference sums
+    assert (c_abs >= c.double().abs().sum(-1) * slack).all()
+    assert (q_abs >= (a.double().abs() * b.double().abs().sum(-1).unsqueeze(-2)).sum(-1)
+            * slack).all()
+
+
 # ------------------------------------------------------------------ clean matmuls
 
 SCALES = {
