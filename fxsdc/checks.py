@@ -648,8 +648,9 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
     finer than x). Returns a score of shape ``y_groups.shape`` (one per token and head).
 
     Tolerance, with Q_g >= sum_l |x_l| w_abs_sum[l, g] + b_abs_sum[g] (= sum over the group of
-    |x||W| + |b|; an upper bound from ``upper_matmul``) and r roundings at u_out or finer (GEMM result, bias add, and for a scale its
-    opmath conversion, a reciprocal if the model divides, the product: r = 1 + [bias] + 3 [scale]):
+    |x||W| + |b|; an upper bound from ``upper_matmul``) and r roundings at u_out or finer (GEMM
+    result, bias add, and for a scale its opmath conversion, a reciprocal if the model divides,
+    the product: r = 1 + [bias] + 3 [scale]):
       per column:  |y_c - s(xW + b)_c| <= |s| rho (P_c + |b_c|),
                    rho = rel_{K+1} + gamma_r(u_out) (1 + rel_{K+1})   (rel_k as in the matmul
                    check; K+1 for the bias added in the accumulator);
