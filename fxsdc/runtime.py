@@ -39,6 +39,12 @@ def _unravel(pos: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, .
     return tuple(reversed(index))
 
 
+def _flip(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` with the bits of ``mask`` (a signed integer of their width) flipped."""
+    int_dtype = layout(values.dtype).int_dtype
+    return (values.view(int_dtype) ^ mask.to(int_dtype)).view(values.dtype)
+
+
 def _per_sample(x: torch.Tensor, fused_heads: int) -> torch.Tensor:
     """View ``x`` with the batch as its leading dim. Layouts (B, ...) are used as they are,
     keeping their strides; fused layouts (B*H, T, X), as in OPT, are contiguous outputs of bmm or
@@ -68,11 +74,9 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
         index_dtype = torch.int32 if xs.numel() < 2**31 else torch.int64
         flat = torch.arange(xs.numel(), device=x.device, dtype=index_dtype).view(xs.shape)
         target = torch.where(active, safe_batch * numel + safe_pos, -1).to(index_dtype)
-        bits = xs.view(int_dtype)
         flipped = xs
         for f in range(site.shape[0]):  # slots: a static count
-            flipped = torch.where(flat == target[f], (bits ^ mask[f].to(int_dtype)).view(x.dtype),
-                                  flipped)
+            flipped = torch.where(flat == target[f], _flip(xs, mask[f]), flipped)
     else:
         # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share an element.
@@ -80,7 +84,7 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
         target = torch.where(active, safe_batch * numel + safe_pos, total)
         xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
             (target,), mask.to(int_dtype))[:total].view(xs.shape)
-        flipped = (xs.view(int_dtype) ^ xor).view(x.dtype)
+        flipped = _flip(xs, xor)
 
     # The slots' elements are read through an opaque op, which makes inductor materialise the
     # tensor it reads: x where x is a GEMM's output (materialised anyway), else the flipped
@@ -91,10 +95,10 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
     # slot's values before and after the flip differ by exactly its own mask.
     if read_input:
         hit = take_elements(xs, safe_batch, safe_pos)
-        flipped_hit = (hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
+        flipped_hit = _flip(hit, mask)
     else:
         flipped_hit = take_elements(flipped, safe_batch, safe_pos)
-        hit = (flipped_hit.view(int_dtype) ^ mask.to(int_dtype)).view(x.dtype)
+        hit = _flip(flipped_hit, mask)
     before.copy_(torch.where(active, hit.to(before.dtype), before))
     after.copy_(torch.where(active, flipped_hit.to(after.dtype), after))
     return flipped.view(x.shape)
