@@ -199,3 +199,14 @@ def test_probabilistic_seed_selects_the_elements():
     assert torch.equal(hits[0], hits[2]) and torch.equal(bits[0], bits[2])
     assert not torch.equal(hits[0], hits[1])
     assert 100 < int(hits[0].sum()) < 320  # about 5 % of 4096
+
+
+def test_take_elements_reads_flat_offsets_of_strided_views():
+    """The records' opaque op reads x at flat row-major offsets whatever x's strides (a permuted
+    slice of a GEMM output, as q, k and v are), and its fake kernel agrees with it (opcheck)."""
+    base = torch.randn(2, 5, 3, 4, 6)
+    x = base[:, :, 1].permute(0, 2, 1, 3)  # (2, 4, 5, 6), not contiguous
+    index = torch.tensor([0, 7, 61, x.numel() - 1])
+    taken = torch.ops.fxsdc.take_elements(x, index)
+    assert torch.equal(taken, x.contiguous().view(-1)[index])
+    torch.library.opcheck(torch.ops.fxsdc.take_elements.default, (x, index))
