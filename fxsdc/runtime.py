@@ -52,7 +52,6 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
     anyway) rather than from the flipped tensor (see below)."""
     xs = _per_sample(x, fused_heads)
     numel = xs[0].numel()
-    int_dtype = layout(x.dtype).int_dtype
     active = site == site_id
     flat_index = batch.clamp(0, xs.shape[0] - 1) * numel + pos.clamp(0, numel - 1)
     if torch.compiler.is_compiling():
@@ -74,6 +73,7 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
         # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share an element.
         total = xs.numel()
+        int_dtype = layout(x.dtype).int_dtype
         target = torch.where(active, flat_index, total)
         xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
             (target,), mask.to(int_dtype))[:total].view(xs.shape)
