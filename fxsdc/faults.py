@@ -24,7 +24,7 @@ from passes.insert_injection import BUFFER_PREFIX, SiteInfo, fault_buffers
 
 from .bits import check_bits, flip_bits, layout, parse_dtype, xor_mask
 from .errors import UserError
-from .runtime import random_hits
+from .runtime import packs_mask, random_hits, select_word
 
 
 class InjectionLocation(str, enum.Enum):
@@ -111,12 +111,12 @@ class FaultController:
     @property
     def slots(self) -> int:
         """How many faults one forward pass can carry (the fault table's length)."""
-        return getattr(self.gm, BUFFER_PREFIX + "site").shape[0]
+        return getattr(self.gm, BUFFER_PREFIX + "mask").shape[0]
 
     def _write(self, table: dict[str, torch.Tensor]) -> None:
         """Copy ``table`` into the module's buffers in place: with an unchanged number of slots a
         compiled module sees the same tensors and does not recompile."""
-        device = getattr(self.gm, BUFFER_PREFIX + "site").device
+        device = getattr(self.gm, BUFFER_PREFIX + "mask").device
         for name, value in table.items():
             attr = BUFFER_PREFIX + name
             current = getattr(self.gm, attr)
@@ -126,7 +126,7 @@ class FaultController:
                 self.gm.register_buffer(attr, value.to(device))
 
     def _table(self, n: int) -> dict[str, torch.Tensor]:
-        return fault_buffers(max(n, self.slots), self.fault_model)
+        return fault_buffers(max(n, self.slots), self.fault_model, len(self.sites))
 
     def set_faults(self, faults: Iterable[Fault], batch_size: int, seq_len: int) -> None:
         """Arm ``faults`` for the next forward passes on inputs of ``batch_size`` x ``seq_len``.
@@ -137,25 +137,28 @@ class FaultController:
                             "use set_random()")
         faults = list(faults)
         # Faults on the same element share one slot, their masks XORed: flips compose.
-        slot_of: dict[tuple[int, int, int], int] = {}
-        entries: list[list[int]] = []  # [site, batch, pos, mask]
+        slot_of: dict[tuple[int, int], int] = {}  # (site, flat offset) -> slot
+        entries: list[list[int]] = []  # [site, flat offset, mask]
         armed = []
         for fault in faults:
             site = self.validate(fault, batch_size, seq_len)
-            flat = 0
+            offset = fault.index[0]
             for i, size in zip(fault.index[1:], site.shape_for(seq_len)):
-                flat = flat * size + i
-            key = (site.site_id, fault.index[0], flat)
+                offset = offset * size + i
+            key = (site.site_id, offset)
             mask = xor_mask(fault.bits, parse_dtype(site.dtype))
             if key in slot_of:
-                entries[slot_of[key]][3] ^= mask
+                entries[slot_of[key]][2] ^= mask
             else:
                 slot_of[key] = len(entries)
                 entries.append([*key, mask])
             armed.append((fault, slot_of[key]))
         table = self._table(len(entries))
-        for f, (site_id, batch, pos, mask) in enumerate(entries):
-            table["site"][f], table["batch"][f], table["pos"][f] = site_id, batch, pos
+        for f, (site_id, offset, mask) in enumerate(entries):
+            site = self.sites[site_id]
+            numel = batch_size * math.prod(site.shape_for(seq_len))
+            packed = packs_mask(parse_dtype(site.dtype), numel)
+            table["word"][site_id, f] = select_word(offset, mask, packed)
             table["mask"][f] = mask
         self._write(table)
         self._armed = armed

@@ -4,18 +4,28 @@ Everything here is plain tensor code: no ``.item()``, no host sync, no Python br
 value (branches on shapes and dtypes are static under tracing and compilation). What changes
 between trials is read from tensors (the fault table), so one compiled graph serves a sweep.
 
-Fault table (buffers registered on the instrumented GraphModule), one entry per *slot*; a
+Fault table (buffers registered on the instrumented GraphModule), one column per *slot*; a
 slot hits one element of one sample, so a batch of B samples can run B independent trials:
 
-- ``site[F]``   int64: id of the site the slot hits, -1 for none;
-- ``batch[F]``  int64: the sample (batch element) it hits;
-- ``pos[F]``    int64: flat offset of the element within that sample's part of the site's tensor,
-  in the logical row-major order of the per-sample shape, e.g. (H, T, T) for scores;
+- ``word[S, F]`` int64, one *select word* per site and slot: -1 where the slot does not hit the
+  site, else the element's flat offset in the site's tensor, in the logical row-major order of
+  its per-sample layout with the batch leading, e.g. (B, H, T, T) for scores. Where
+  :func:`packs_mask` holds (masks of at most 32 bits, tensors under 2**31 elements) the offset is
+  in the high 32 bits and the low 32 bits hold the slot's mask (:func:`select_word`);
 - ``mask[F]``   int64: XOR mask of the flipped bits as a signed integer of the site dtype's width
   (:func:`fxsdc.bits.xor_mask`);
 - ``before[F]``, ``after[F]`` float64: written by the forward pass, the element's value before and
   after the flip; a slot that does not fire leaves them as they were (the host fills them with
   NaN when it arms the faults).
+
+Why one word: a compiled select reads its slot's target and mask inside the kernel that consumes
+the site's tensor, e.g. the softmax fused with the scores' scaling and masking. Inductor counts
+every load in a pointwise node (a word per slot counts one), and materialises a node read twice
+(softmax reads its input for the max and the sum) when it has more than
+``realize_reads_threshold`` = 4 loads. GPT-2's masked scores load three (the product, the causal
+bias and the attention mask), so one word per slot keeps them fused as in the original model. A
+table of separate site/batch/pos/mask loads made inductor store the scores in an extra pass
+(CPU, GPT-2 small at 4 x 256: ~1 ms per layer, of ~21 ms outside the GEMMs).
 
 Probabilistic faults use one entry per sample: ``site``, ``batch``, ``rate`` (probability that each
 element of the site is hit), ``seed``, ``mask`` (0 picks a random bit per hit element) and
@@ -43,17 +53,36 @@ def _per_sample(x: torch.Tensor, fused_heads: int) -> torch.Tensor:
     return x if not fused_heads else x.view(-1, fused_heads, *x.shape[1:])
 
 
-def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch.Tensor,
-                    batch: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                    before: torch.Tensor, after: torch.Tensor, *,
-                    read_input: bool = False) -> torch.Tensor:
-    """Flip the bits the fault table assigns to ``site_id`` in ``x``; record before/after.
-    ``read_input``: read the records from ``x`` (best when x is a GEMM's output, materialised
-    anyway) rather than from the flipped tensor (see below)."""
+def packs_mask(dtype: torch.dtype, numel: int) -> bool:
+    """Whether a site of ``dtype`` and ``numel`` elements (whole batch) packs each slot's mask
+    into its select word: the offset fits the high 32 bits and the mask the low 32."""
+    return layout(dtype).width <= 32 and numel < 2**31
+
+
+def select_word(offset: int, mask: int, packed: bool) -> int:
+    """The select word of a slot hitting flat ``offset`` with XOR ``mask`` (host side)."""
+    return (offset << 32) | (mask & 0xFFFFFFFF) if packed else offset
+
+
+def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch.Tensor,
+                    mask: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *,
+                    source: torch.Tensor | None = None, scale: torch.Tensor | float | None = None,
+                    divide: bool = False) -> torch.Tensor:
+    """Flip the bits the fault table assigns to site ``site_id`` in ``x``; record before/after.
+
+    ``source``: read the records from this GEMM output instead of from the flipped tensor (see
+    below): ``x`` itself, or for the scaled scores the product q·kᵀ, which ``scale`` multiplies
+    (``divide``: divides) as the model's own op does, so the records are bitwise the values the
+    model computed."""
     xs = _per_sample(x, fused_heads)
-    numel = xs[0].numel()
-    active = site == site_id
-    flat_index = batch.clamp(0, xs.shape[0] - 1) * numel + pos.clamp(0, numel - 1)
+    total = xs.numel()
+    packed = packs_mask(x.dtype, total)
+    words = word[site_id]
+    offset = words >> 32 if packed else words
+    # A table armed for another input shape may point past this tensor: such slots do nothing.
+    active = (words >= 0) & (offset < total)
+    bits = words & 0xFFFFFFFF if packed else mask  # the low 32 bits; the cast to int32 wraps
+    index = offset.clamp(0, total - 1)
     if torch.compiler.is_compiling():
         # Compiled: per slot, a pointwise select of the element with its bits flipped, which
         # inductor fuses into the kernels that produce or consume x, so an idle injection node
@@ -63,35 +92,36 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, site: torch
         # backend builds an int32 index vector from 16 converted scalars (measured on AVX-512:
         # +13 % on a pass over 3.1 M float32 elements, where int64 costs nothing measurable).
         on_gpu = x.device.type != "cpu"
-        index_dtype = torch.int32 if on_gpu and xs.numel() < 2**31 else torch.int64
-        flat = torch.arange(xs.numel(), device=x.device, dtype=index_dtype).view(xs.shape)
-        target = torch.where(active, flat_index, -1).to(index_dtype)
+        index_dtype = torch.int32 if on_gpu and total < 2**31 else torch.int64
+        flat = torch.arange(total, device=x.device, dtype=index_dtype).view(xs.shape)
+        target = torch.where(active, offset, -1).to(index_dtype)
         flipped = xs
-        for f in range(site.shape[0]):  # slots: a static count
-            flipped = torch.where(flat == target[f], _flip(xs, mask[f]), flipped)
+        for f in range(words.shape[0]):  # slots: a static count
+            flipped = torch.where(flat == target[f], _flip(xs, bits[f]), flipped)
     else:
         # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share an element.
-        total = xs.numel()
         int_dtype = layout(x.dtype).int_dtype
-        target = torch.where(active, flat_index, total)
+        target = torch.where(active, offset, total)
         xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
-            (target,), mask.to(int_dtype))[:total].view(xs.shape)
+            (target,), bits.to(int_dtype))[:total].view(xs.shape)
         flipped = _flip(xs, xor)
 
     # The slots' elements are read through an opaque op, which makes inductor materialise the
-    # tensor it reads: x where x is a GEMM's output (materialised anyway), else the flipped
-    # tensor, which the next op (a GEMM, or the copy feeding one) usually needs materialised too,
-    # where reading x would materialise both. A plain gather lets inductor fuse the records of
-    # every site into one late kernel that keeps each site's tensor alive until then (measured:
-    # +680 MiB peak on 12-layer GPT-2). The host merges slots on one element, so an active
-    # slot's values before and after the flip differ by exactly its own mask.
-    if read_input:
-        hit = torch.ops.fxsdc.take_elements(xs.detach(), flat_index)
-        flipped_hit = _flip(hit, mask)
+    # tensor it reads: a GEMM's output where there is one (materialised anyway), else the
+    # flipped tensor, which the next op (a GEMM, or the copy feeding one) usually needs
+    # materialised too. A plain gather lets inductor fuse the records of every site into one
+    # late kernel that keeps each site's tensor alive until then (measured: +680 MiB peak on
+    # 12-layer GPT-2). The host merges slots on one element, so an active slot's values before
+    # and after the flip differ by exactly its own mask.
+    if source is not None:
+        hit = torch.ops.fxsdc.take_elements(_per_sample(source, fused_heads).detach(), index)
+        if scale is not None:
+            hit = hit / scale if divide else hit * scale
+        flipped_hit = _flip(hit, bits)
     else:
-        flipped_hit = torch.ops.fxsdc.take_elements(flipped.detach(), flat_index)
-        hit = _flip(flipped_hit, mask)
+        flipped_hit = torch.ops.fxsdc.take_elements(flipped.detach(), index)
+        hit = _flip(flipped_hit, bits)
     before.copy_(torch.where(active, hit.to(before.dtype), before))
     after.copy_(torch.where(active, flipped_hit.to(after.dtype), after))
     return flipped.view(x.shape)

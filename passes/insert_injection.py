@@ -18,12 +18,12 @@ from torch import fx, nn
 from fxsdc import runtime
 
 from .graph_utils import clone_graph_module, insert_buffer_reads
-from .match_attention import LOCATIONS, is_tensor, match_attention, tensor_users
+from .match_attention import LOCATIONS, AttentionSite, is_tensor, match_attention, tensor_users
 from .ops import is_op
 
 FAULT_MODELS = ("bitflip", "probabilistic")
 
-BITFLIP_BUFFERS = ("site", "batch", "pos", "mask", "before", "after")
+BITFLIP_BUFFERS = ("word", "mask", "before", "after")
 RANDOM_BUFFERS = ("site", "batch", "rate", "seed", "mask", "count")
 BUFFER_PREFIX = "fxsdc_fault_"
 
@@ -48,21 +48,20 @@ class SiteInfo:
         return asdict(self)
 
 
-def fault_buffers(slots: int, fault_model: str, device: torch.device | str = "cpu"
+def fault_buffers(slots: int, fault_model: str, sites: int, device: torch.device | str = "cpu"
                   ) -> dict[str, torch.Tensor]:
-    """A fault table of ``slots`` entries with every fault off (layout: :mod:`fxsdc.runtime`)."""
+    """A fault table of ``slots`` entries for ``sites`` sites with every fault off (layout:
+    :mod:`fxsdc.runtime`)."""
     def full(value: float, dtype: torch.dtype) -> torch.Tensor:
         return torch.full((slots,), value, dtype=dtype, device=device)
 
-    table = {"site": full(-1, torch.int64), "batch": full(0, torch.int64)}
     if fault_model == "bitflip":
-        table.update(pos=full(0, torch.int64), mask=full(0, torch.int64),
-                     before=full(float("nan"), torch.float64),
-                     after=full(float("nan"), torch.float64))
-    else:
-        table.update(rate=full(0.0, torch.float64), seed=full(0, torch.int64),
-                     mask=full(0, torch.int64), count=full(0, torch.int64))
-    return table
+        return {"word": torch.full((sites, slots), -1, dtype=torch.int64, device=device),
+                "mask": full(0, torch.int64), "before": full(float("nan"), torch.float64),
+                "after": full(float("nan"), torch.float64)}
+    return {"site": full(-1, torch.int64), "batch": full(0, torch.int64),
+            "rate": full(0.0, torch.float64), "seed": full(0, torch.int64),
+            "mask": full(0, torch.int64), "count": full(0, torch.int64)}
 
 
 def _fused_heads(shape: Sequence[int], batch: int) -> int:
@@ -86,6 +85,23 @@ def reads_gemm_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             return False
 
 
+def record_source(site: AttentionSite, location: str, modules: dict[str, nn.Module]
+                  ) -> dict[str, object]:
+    """Where an injection node reads its records, as its keyword arguments: the site's tensor
+    itself where it is a GEMM's output; for the scaled scores, the product q·kᵀ and the one
+    constant scaling the model applies to it (replayed on the read elements); else nothing (the
+    records come from the flipped tensor, see :func:`fxsdc.runtime.inject_bitflips`)."""
+    node = site.node(location)
+    if reads_gemm_output(node, modules):
+        return {"source": node}
+    if location == "scores" and site.scale is not None and reads_gemm_output(site.qk, modules):
+        (op,) = site.scale_ops
+        operand, divides = site.scale
+        if not op.kwargs and (op.args[0] is site.qk or (not divides and site.qk in op.args)):
+            return {"source": site.qk, "scale": operand, "divide": divides}
+    return {}
+
+
 def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOCATIONS,
                            layers: Sequence[int] | None = None, fault_model: str = "bitflip",
                            slots: int = 1) -> fx.GraphModule:
@@ -104,7 +120,8 @@ def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOC
     batch, seq_len = example.meta["tensor_meta"].shape[:2]
 
     names = RANDOM_BUFFERS if fault_model == "probabilistic" else BITFLIP_BUFFERS
-    for name, value in fault_buffers(slots, fault_model).items():
+    site_count = len(chosen_layers) * len(locations)
+    for name, value in fault_buffers(slots, fault_model, site_count).items():
         gm.register_buffer(BUFFER_PREFIX + name, value)
     reads = insert_buffer_reads(gm, [BUFFER_PREFIX + n for n in names])
     inject = runtime.inject_random if fault_model == "probabilistic" else runtime.inject_bitflips
@@ -120,8 +137,8 @@ def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOC
             site_id = len(sites)
             users = tensor_users(target)
             with gm.graph.inserting_after(target):
-                kwargs = ({"read_input": True} if inject is runtime.inject_bitflips
-                          and reads_gemm_output(target, modules) else {})
+                kwargs = (record_source(attention[layer], location, modules)
+                          if inject is runtime.inject_bitflips else {})
                 node = gm.graph.create_node("call_function", inject,
                                             (target, site_id, fused, *reads), kwargs,
                                             name=f"fxsdc_inject_{location}_{layer}")

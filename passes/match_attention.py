@@ -87,8 +87,11 @@ def is_tensor(node: fx.Node) -> bool:
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [i for i in node.all_input_nodes
-            if is_tensor(i) and i.op not in ("placeholder", "get_attr")]
+    """Inputs of ``node`` that its values flow from. An injection node's flow from its first
+    argument only: the rest are the fault table and the tensor its records are read from."""
+    inputs = node.args[:1] if is_op(node, "injection") else node.all_input_nodes
+    return [i for i in inputs if isinstance(i, fx.Node) and is_tensor(i)
+            and i.op not in ("placeholder", "get_attr")]
 
 
 def tensor_users(node: fx.Node) -> list[fx.Node]:

@@ -84,22 +84,34 @@ def test_switching_faults_does_not_recompile(compiled, monkeypatch):
     assert counters["stats"]["unique_graphs"] == frames
 
 
-def _attention_sized_buffers(module, inputs: dict[str, torch.Tensor], numel: int) -> list[str]:
-    """The buffers of at least ``numel`` elements that inductor's generated code for ``module``
-    allocates (its ``empty_strided`` calls), as their shape strings. The FX graph cache is off so
-    that the code is generated, not loaded."""
+def _generated_code(module, inputs: dict[str, torch.Tensor]) -> str:
+    """Inductor's generated code for ``module``; the FX graph cache is off so that the code is
+    generated, not loaded."""
     with torch._inductor.config.patch({"fx_graph_cache": False}), torch.no_grad():
         _, code = run_and_get_code(torch.compile(module), **inputs)
-    shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", "\n".join(code))
+    return "\n".join(code)
+
+
+def _attention_sized_buffers(code: str, numel: int) -> list[str]:
+    """The buffers of at least ``numel`` elements that generated ``code`` allocates (its
+    ``empty_strided`` calls), as their shape strings."""
+    shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", code)
     return [s for s in shapes if torch.Size(int(d) for d in s.split(",") if d.strip()).numel()
             >= numel]
 
 
-def test_idle_injection_adds_no_attention_sized_buffer():
-    """With faults off, the injection nodes must not make inductor materialise another
-    (B, H, T, T) tensor: on a GPU, where attention is memory-bound, every extra pass over the
-    scores or weights costs time and memory (the H200 run of the earlier records, which read the
-    element before the flip, showed +20 % compiled peak with faults off)."""
+def _kernel_launches(code: str) -> int:
+    """How many generated C++ kernels the compiled forward calls."""
+    return len(re.findall(r"^\s+cpp_fused_\w+\(", code, flags=re.MULTILINE))
+
+
+def test_idle_injection_adds_no_pass_and_no_attention_sized_buffer():
+    """With faults off, the injection nodes at every location must not make inductor
+    materialise another (B, H, T, T) tensor nor run another kernel: each slot's select is fused
+    into a kernel the original runs anyway (the scores' into the softmax). On a GPU, where
+    attention is memory-bound, every extra pass over the scores or weights costs time and
+    memory (the H200 run of the earlier records, which read the element before the flip,
+    showed +20 % compiled peak with faults off)."""
     result = instrument("gpt2", tiny=True)
     batch, seq = 2, 64  # T > head dim: (B, H, T, D) tensors are smaller than the scores
     heads = result.sites[0].shape_for(seq)[0]
@@ -107,7 +119,11 @@ def test_idle_injection_adds_no_attention_sized_buffer():
                         generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
     scores = batch * heads * seq * seq
-    original = _attention_sized_buffers(result.original, inputs, scores)
-    instrumented = _attention_sized_buffers(result.gm, inputs, scores)
-    assert original, "the original allocates its scores; the probe must see them"
-    assert len(instrumented) <= len(original), (original, instrumented)
+    original = _generated_code(result.original, inputs)
+    instrumented = _generated_code(result.gm, inputs)
+    assert _attention_sized_buffers(original, scores), \
+        "the original allocates its scores; the probe must see them"
+    assert len(_attention_sized_buffers(instrumented, scores)) <= \
+        len(_attention_sized_buffers(original, scores))
+    assert _kernel_launches(original) > 0, "the probe must see the original's kernels"
+    assert _kernel_launches(instrumented) == _kernel_launches(original)

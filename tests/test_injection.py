@@ -51,11 +51,13 @@ def test_flip_lands_exactly_where_asked(tiny_model, location):
         assert changed == [list(fault.index)]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
 def test_flip_in_each_dtype(dtype):
+    """Every width, float64 included: its 64-bit masks do not fit a select word, so its slots
+    read the fault table's ``mask`` (see :mod:`fxsdc.runtime`)."""
     result = instrument("gpt2", tiny=True, dtype=parse_dtype(dtype), locations=["scores", "v"])
     x = result.example
-    width = 32 if dtype == "float32" else 16
+    width = {"float64": 64, "float32": 32}.get(dtype, 16)
     for location, bit in [("scores", width - 2), ("v", width - 1), ("scores", 2)]:
         fault, site = _random_fault(result, location, 0, bit, bit)
         clean = node_values(result.gm, x, {site.inject_node})[site.inject_node]
@@ -65,7 +67,7 @@ def test_flip_in_each_dtype(dtype):
         result.faults.clear()
         before = clean[fault.index]
         assert hit.dtype == parse_dtype(dtype)
-        int_dtype = torch.int32 if width == 32 else torch.int16
+        int_dtype = {64: torch.int64, 32: torch.int32, 16: torch.int16}[width]
         xor = int(before.view(int_dtype)) ^ int(hit[fault.index].view(int_dtype))
         assert xor & ((1 << width) - 1) == 1 << bit
         assert record["before"] == float(before)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxsdc.bits import flip_value
+from fxsdc.faults import Fault, FaultController
 from passes.graph_view import normalized_text
 from passes.insert_checks import insert_checks
 from passes.insert_injection import insert_fault_injection
@@ -91,14 +93,34 @@ def test_injection_pass_leaves_its_input_alone_and_keeps_values(attention):
     assert torch.equal(injected(x), module(x))
 
 
+def test_scores_records_replay_the_scaling_on_the_product(attention):
+    """The scores' records are read from q·kᵀ (a GEMM output) and scaled as the model scales
+    them (here ``* head_dim ** -0.5``), bitwise the value the flip hit."""
+    module, x, gm = attention
+    injected = insert_fault_injection(gm, locations=["scores"])
+    (node,) = [n for n in injected.graph.nodes if n.name.startswith("fxsdc_inject_scores")]
+    (site,) = match_attention(gm)
+    assert node.kwargs["source"].name == site.qk.name and node.kwargs["divide"] is False
+    assert node.kwargs["scale"] == module.head_dim ** -0.5
+    # The matcher follows the values, not the records' edge from q·kᵀ to the injection node.
+    (again,) = match_attention(injected)
+    assert again.scale == (module.head_dim ** -0.5, False) and again.scores.name == site.scores.name
+    faults = FaultController(injected)
+    faults.set_faults([Fault(0, "scores", (2, 1, 4, 3), (30, 1))], 3, 5)
+    scores = (module.split(module.q(x)) @ module.split(module.k(x)).transpose(-1, -2)) \
+        * module.head_dim ** -0.5
+    injected(x)
+    (record,) = faults.applied()
+    assert record["before"] == scores[2, 1, 4, 3].item()
+    assert record["after"] == flip_value(record["before"], (30, 1), torch.float32)
+
+
 def test_check_pass_flags_nothing_clean_and_a_corrupted_product(attention):
     module, x, gm = attention
     checked = insert_checks(insert_fault_injection(gm, locations=["out"]), {"x": x})
     assert torch.equal(checked(x), module(x))
     assert int(checked.fxsdc_check_rows[:, 1].sum()) == 0
-    checked.fxsdc_fault_site[0] = 0  # arm the one site by hand: sample 1, element 7, bit 30
-    checked.fxsdc_fault_batch[0], checked.fxsdc_fault_pos[0] = 1, 7
-    checked.fxsdc_fault_mask[0] = 1 << 30
+    FaultController(checked).set_faults([Fault(0, "out", (1, 0, 0, 7), (30,))], 3, 5)
     checked(x)
     pv = next(c for c in checked.meta["fxsdc_checks"] if c.op == "pv")
     assert checked.fxsdc_check_samples[pv.check_id].tolist()[:3] == [0, 1, 0]
@@ -131,14 +153,16 @@ def test_head_columns_of_wide_16_bit_projections(dtype):
 
 
 @pytest.mark.parametrize("name, reads_input", [
-    ("gpt2", {"q", "k", "v", "out"}),  # q/k/v: views of the fused projection's addmm
+    # q/k/v: views of the fused projection's addmm; scores: q·kᵀ, divided by a constant
+    ("gpt2", {"q", "k", "v", "scores", "out"}),
     ("facebook/opt-125m", {"k", "v", "scores", "out"}),  # q is scaled after its projection
 ])
 def test_records_read_gemm_outputs_only(name, reads_input):
-    """Injection nodes read their records from the site's input only where it is a GEMM's output
-    (a buffer under torch.compile anyway); elsewhere from the flipped tensor."""
+    """Injection nodes read their records from a GEMM's output (a buffer under torch.compile
+    anyway) where the site is one or, for the scores, a constant scaling of one; elsewhere from
+    the flipped tensor."""
     import fxsdc
     result = fxsdc.instrument(name, tiny=True, layers=[0])
     nodes = result.gm.graph.find_nodes(op="call_function", target=fxsdc.runtime.inject_bitflips)
     assert len(nodes) == len(result.sites)
-    assert {n.meta["fxsdc_site"][1] for n in nodes if n.kwargs.get("read_input")} == reads_input
+    assert {n.meta["fxsdc_site"][1] for n in nodes if "source" in n.kwargs} == reads_input
