@@ -81,7 +81,9 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
     offset = words >> 32 if packed else words
     # A table armed for another input shape may point past this tensor: such slots do nothing.
     active = (words >= 0) & (offset < total)
-    bits = words & 0xFFFFFFFF if packed else mask  # the low 32 bits; the cast to int32 wraps
+    # Packed, the mask is the word's low bits, which the cast to the site's integer width in
+    # _flip keeps (a truncation), so the select spends no operation extracting it.
+    bits = words if packed else mask
     index = offset.clamp(0, total - 1)
     if torch.compiler.is_compiling():
         # Compiled: per slot, a pointwise select of the element with its bits flipped, which
@@ -94,7 +96,11 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
         on_gpu = x.device.type != "cpu"
         index_dtype = torch.int32 if on_gpu and total < 2**31 else torch.int64
         flat = torch.arange(total, device=x.device, dtype=index_dtype).view(xs.shape)
-        target = torch.where(active, offset, -1).to(index_dtype)
+        # Idle words (offset -1) and offsets past the tensor (clamped to its size) match no
+        # element: one operation, where testing `active` took four. Each counts: inductor
+        # stores a reused node of over 30 operations on GPUs (50 on CPUs), and the softmax input
+        # with a scores slot's select has about 25 (GPT-2; `realize_opcount_threshold`).
+        target = offset.clamp(max=total).to(index_dtype)
         flipped = xs
         for f in range(words.shape[0]):  # slots: a static count
             flipped = torch.where(flat == target[f], _flip(xs, bits[f]), flipped)
