@@ -67,13 +67,14 @@ def select_word(offset: int, mask: int, packed: bool) -> int:
 def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch.Tensor,
                     mask: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *,
                     source: torch.Tensor | None = None, scale: torch.Tensor | float | None = None,
-                    divide: bool = False) -> torch.Tensor:
+                    divide: bool = False, store: bool = False) -> torch.Tensor:
     """Flip the bits the fault table assigns to site ``site_id`` in ``x``; record before/after.
 
     ``source``: read the records from this GEMM output instead of from the flipped tensor (see
     below): ``x`` itself, or for the scaled scores the product q·kᵀ, which ``scale`` multiplies
     (``divide``: divides) as the model's own op does, so the records are bitwise the values the
-    model computed."""
+    model computed. ``store``: under torch.compile, materialise the flipped tensor here, for
+    sites that many loops read (see :func:`passes.insert_checks.store_injected_sites`)."""
     xs = _per_sample(x, fused_heads)
     total = xs.numel()
     packed = packs_mask(x.dtype, total)
@@ -104,6 +105,11 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
         flipped = xs
         for f in range(words.shape[0]):  # slots: a static count
             flipped = torch.where(flat == target[f], _flip(xs, bits[f]), flipped)
+        if store:
+            # Inductor's stride-order hint realises its input into a buffer (without a copy when
+            # the strides already match): the one way to ask for a store from the graph.
+            from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
+            flipped = torch.ops.prims.inductor_force_stride_order(flipped, flipped.stride())
     else:
         # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share an element.

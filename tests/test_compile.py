@@ -131,3 +131,25 @@ def test_idle_injection_adds_no_pass_and_no_attention_sized_buffer(config):
         len(_attention_sized_buffers(original, scores))
     assert _kernel_launches(original) > 0, "the probe must see the original's kernels"
     assert _kernel_launches(instrumented) == _kernel_launches(original)
+
+
+def test_idle_injection_adds_no_attention_sized_buffer_to_a_checked_graph():
+    """A checked layer's injection nodes store their flipped tensors (its checks read them in
+    several loops over each row, where an unstored select would be recomputed in each); with
+    faults off the checked graph still allocates no more attention-sized buffers than the same
+    checks without injection nodes."""
+    checks = ("bounds", "softmax", "abft")
+    injected = instrument("gpt2", tiny=True, checks=checks)
+    plain = instrument("gpt2", tiny=True, checks=checks, locations=[])
+    batch, seq = 2, 64
+    heads = injected.sites[0].shape_for(seq)[0]
+    ids = torch.randint(0, injected.original.config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    scores = batch * heads * seq * seq
+    buffers = {}
+    for name, result in (("injected", injected), ("plain", plain)):
+        result.detector.reset(batch)
+        buffers[name] = _attention_sized_buffers(_generated_code(result.gm, inputs, {}), scores)
+    assert buffers["plain"], "the checked original allocates its scores; the probe must see them"
+    assert len(buffers["injected"]) <= len(buffers["plain"]), buffers
