@@ -107,7 +107,7 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
             flipped = torch.where(flat == target[f], _flip(xs, bits[f]), flipped)
         if store:
             # Inductor's stride-order hint realises its input into a buffer (without a copy when
-            # the strides already match): the one way to ask for a store from the graph.
+            # the strides already match): a way to ask for a store from the graph.
             from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
             flipped = torch.ops.prims.inductor_force_stride_order(flipped, flipped.stride())
     else:
