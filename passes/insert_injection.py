@@ -94,7 +94,7 @@ def record_source(site: AttentionSite, location: str, modules: dict[str, nn.Modu
     node = site.node(location)
     if reads_gemm_output(node, modules):
         return {"source": node}
-    if location == "scores" and site.scale is not None and reads_gemm_output(site.qk, modules):
+    if location == "scores" and site.scale is not None:  # site.qk is a matmul: a GEMM output
         (op,) = site.scale_ops
         operand, divides = site.scale
         if not op.kwargs and (op.args[0] is site.qk or (not divides and site.qk in op.args)):
