@@ -18,14 +18,15 @@ slot hits one element of one sample, so a batch of B samples can run B independe
   after the flip; a slot that does not fire leaves them as they were (the host fills them with
   NaN when it arms the faults).
 
-Why one word: a compiled select reads its slot's target and mask inside the kernel that consumes
-the site's tensor, e.g. the softmax fused with the scores' scaling and masking. Inductor counts
-every load in a pointwise node (a word per slot counts one), and materialises a node read twice
-(softmax reads its input for the max and the sum) when it has more than
-``realize_reads_threshold`` = 4 loads. GPT-2's masked scores load three (the product, the causal
-bias and the attention mask), so one word per slot keeps them fused as in the original model. A
-table of separate site/batch/pos/mask loads made inductor store the scores in an extra pass
-(CPU, GPT-2 small at 4 x 256: ~1 ms per layer, of ~21 ms outside the GEMMs).
+How a site is flipped: where the model stores the site's tensor anyway (a GEMM's output; the
+weights feeding the second GEMM), in place, O(slots) (``fxsdc::xor_elements_``); elsewhere (the
+scaled scores, which compiled models fuse into the softmax), by a select inside the kernel that
+consumes the tensor. Why one word per slot: inductor counts every load in a pointwise node and
+materialises a node read twice (softmax reads its input for the max and the sum) when it has more
+than ``realize_reads_threshold`` = 4 loads. GPT-2's masked scores load three (the product, the
+causal bias and the attention mask), so one word per slot keeps them fused as in the original
+model. A table of separate site/batch/pos/mask loads made inductor store the scores in an extra
+pass (CPU, GPT-2 small at 4 x 256: ~1 ms per layer, of ~21 ms outside the GEMMs).
 
 Probabilistic faults use one entry per sample: ``site``, ``batch``, ``rate`` (probability that each
 element of the site is hit), ``seed``, ``mask`` (0 picks a random bit per hit element) and
@@ -34,6 +35,8 @@ element of the site is hit), ``seed``, ``mask`` (0 picks a random bit per hit el
 and eager runs agree.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -66,15 +69,27 @@ def select_word(offset: int, mask: int, packed: bool) -> int:
 
 def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch.Tensor,
                     mask: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *,
-                    source: torch.Tensor | None = None, scale: torch.Tensor | float | None = None,
-                    divide: bool = False, store: bool = False) -> torch.Tensor:
+                    in_place: bool = False, source: torch.Tensor | None = None,
+                    scale: torch.Tensor | float | None = None, divide: bool = False,
+                    store: bool = False) -> torch.Tensor:
     """Flip the bits the fault table assigns to site ``site_id`` in ``x``; record before/after.
 
-    ``source``: read the records from this GEMM output instead of from the flipped tensor (see
-    below): ``x`` itself, or for the scaled scores the product q·kᵀ, which ``scale`` multiplies
-    (``divide``: divides) as the model's own op does, so the records are bitwise the values the
-    model computed. ``store``: under torch.compile, materialise the flipped tensor here, for
-    sites that many loops read (see :func:`passes.insert_checks.store_injected_sites`)."""
+    The pass picks how (:func:`passes.insert_injection.injection_kwargs`), from the graph:
+
+    - ``in_place``: ``x`` is a tensor the model stores anyway and nothing else reads (a GEMM's
+      output or a view of one, or weights that only feed a GEMM). The slots' elements are read,
+      flipped and written back: O(slots) work and nothing per element, compiled (inductor
+      re-inplaces the write on the buffer) or eager.
+    - ``source``: the scaled scores, which compiled models never store (they are fused into the
+      softmax). The records come from the product q·kᵀ (a GEMM output), scaled by ``scale``
+      (``divide``: divided) as the model's own op does, so they are bitwise the values the model
+      computed; compiled, each element is compared with the slots' targets and the flipped
+      values are substituted whole.
+    - neither: compiled, each element is compared with the slots' targets and flipped where one
+      matches; the records come from the flipped tensor.
+
+    ``store``: under torch.compile, materialise the flipped tensor of a select (see
+    :func:`passes.insert_checks.store_injected_sites`)."""
     xs = _per_sample(x, fused_heads)
     total = xs.numel()
     packed = packs_mask(x.dtype, total)
@@ -83,60 +98,102 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
     # A table armed for another input shape may point past this tensor: such slots do nothing.
     active = (words >= 0) & (offset < total)
     # Packed, the mask is the word's low bits, which the cast to the site's integer width in
-    # _flip keeps (a truncation), so the select spends no operation extracting it.
+    # _flip keeps (a truncation), so no operation extracts it.
     bits = words if packed else mask
     index = offset.clamp(0, total - 1)
-    if torch.compiler.is_compiling():
-        # Compiled: per slot, a pointwise select of the element with its bits flipped, which
-        # inductor fuses into the kernels that produce or consume x, so an idle injection node
-        # costs no extra pass over memory. One comparison of the element's flat index with the
-        # slot's target (-1 when idle, matching nothing). On GPUs in int32 where it fits: they
-        # emulate int64 arithmetic. On CPUs in int64, the loop counter's type: inductor's C++
-        # backend builds an int32 index vector from 16 converted scalars (measured on AVX-512:
-        # +13 % on a pass over 3.1 M float32 elements, where int64 costs nothing measurable).
-        on_gpu = x.device.type != "cpu"
-        index_dtype = torch.int32 if on_gpu and total < 2**31 else torch.int64
-        flat = torch.arange(total, device=x.device, dtype=index_dtype).view(xs.shape)
-        # Idle words (offset -1) and offsets past the tensor (clamped to its size) match no
-        # element: one operation, where testing `active` took four. Each counts: inductor
-        # stores a reused node of over 30 operations on GPUs (50 on CPUs), and the softmax input
-        # with a scores slot's select has about 25 (GPT-2; `realize_opcount_threshold`).
-        target = offset.clamp(max=total).to(index_dtype)
-        flipped = xs
-        for f in range(words.shape[0]):  # slots: a static count
-            flipped = torch.where(flat == target[f], _flip(xs, bits[f]), flipped)
-        if store:
-            # Inductor's stride-order hint realises its input into a buffer (without a copy when
-            # the strides already match): a way to ask for a store from the graph.
-            from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
-            flipped = torch.ops.prims.inductor_force_stride_order(flipped, flipped.stride())
-    else:
-        # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
-        # slots write 0 to a spare last element; the host merges slots that share an element.
-        int_dtype = layout(x.dtype).int_dtype
-        target = torch.where(active, offset, total)
-        xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
-            (target,), bits.to(int_dtype))[:total].view(xs.shape)
-        flipped = _flip(xs, xor)
+    # Idle words (offset -1) and offsets past the tensor (clamped to its size) match no element
+    # of a select: one operation, where testing `active` takes four (see _select).
+    target = offset.clamp(max=total)
+    int_dtype = layout(x.dtype).int_dtype
 
-    # The slots' elements are read through an opaque op, which makes inductor materialise the
-    # tensor it reads: a GEMM's output where there is one (materialised anyway), else the
-    # flipped tensor, which the next op (a GEMM, or the copy feeding one) usually needs
-    # materialised too. A plain gather lets inductor fuse the records of every site into one
-    # late kernel that keeps each site's tensor alive until then (measured: +680 MiB peak on
-    # 12-layer GPT-2). The host merges slots on one element, so an active slot's values before
-    # and after the flip differ by exactly its own mask.
-    if source is not None:
-        hit = torch.ops.fxsdc.take_elements(_per_sample(source, fused_heads).detach(), index)
+    # With grad mode on, autograd refuses in-place writes to a split's pieces: those select.
+    writes_in_place = in_place and not (x.requires_grad and torch.is_grad_enabled())
+    hit = None
+    if writes_in_place:
+        # An idle slot is clamped onto some element, perhaps an active slot's: both write the
+        # active slot's flip there. (The host merges active slots that share an element.)
+        shared = (index.unsqueeze(1) == index.unsqueeze(0)) & active
+        xor = torch.where(shared, bits, 0).sum(1).to(int_dtype)  # cast here: fused, not in the op
+        # Written through x itself, not a detached alias: inductor (2.13) miscompiles writes
+        # through a detached view (two of one buffer: GPT-2's q and k, pieces of one addmm).
+        hit = torch.ops.fxsdc.xor_elements_(x, index, xor)
+    elif in_place or source is not None:
+        hit = torch.ops.fxsdc.take_elements(
+            x.detach() if in_place else _per_sample(source, fused_heads).detach(), index)
         if scale is not None:
             hit = hit / scale if divide else hit * scale
+    if hit is not None:
         flipped_hit = _flip(hit, bits)
+
+    if writes_in_place:
+        flipped = xs
+    elif torch.compiler.is_compiling():
+        if hit is not None and packed:
+            # One word per slot again, now the target and the flipped value's bits: the kernel
+            # substitutes a scalar, with no per-element bit casts (which inductor's C++ backend
+            # makes a store, 16 scalar casts and a load per vector: measured on a 2-vCPU Xeon,
+            # AVX-512, +12.6 ms on a (4, 12, 256, 256) float32 softmax of 4 ms, against +2 ms
+            # for a select of values).
+            value_bits = flipped_hit.view(int_dtype).to(torch.int64) & 0xFFFFFFFF
+            values = _stored((target << 32) | value_bits)
+            flipped = _select(xs, values >> 32, lambda f: values[f].to(int_dtype).view(x.dtype))
+        else:
+            flipped = _select(xs, target, lambda f: _flip(xs, bits[f]))
+        if store:
+            flipped = _stored(flipped)
     else:
+        # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
+        # slots write 0 to a spare last element; the host merges slots that share one.
+        xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
+            (torch.where(active, offset, total),), bits.to(int_dtype))[:total]
+        flipped = _flip(xs, xor.view(xs.shape))
+    if hit is None:
+        # The slots' elements are read through an opaque op, which makes inductor materialise
+        # the flipped tensor (the next op, a GEMM or the copy feeding one, usually needs it
+        # materialised too). A plain gather lets inductor fuse the records of every site into
+        # one late kernel that keeps each site's tensor alive until then (measured: +680 MiB
+        # peak on 12-layer GPT-2).
         flipped_hit = torch.ops.fxsdc.take_elements(flipped.detach(), index)
         hit = _flip(flipped_hit, bits)
+    # The host merges slots on one element, so an active slot's values before and after the
+    # flip differ by exactly its own mask.
     before.copy_(torch.where(active, hit.to(before.dtype), before))
     after.copy_(torch.where(active, flipped_hit.to(after.dtype), after))
     return flipped.view(x.shape)
+
+
+def _select(xs: torch.Tensor, target: torch.Tensor,
+            flipped: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """``xs`` with its element at flat offset ``target[f]`` replaced by ``flipped(f)``, for
+    each slot f: a pointwise select that inductor fuses into the kernels that produce or consume
+    xs, so an idle injection node costs no extra pass over memory. Inductor stores a reused
+    pointwise node of more than 30 operations on GPUs (50 on CPUs; the softmax input with a
+    scores slot's select has about 25 in GPT-2, `realize_opcount_threshold`) or more than 4
+    loads (`realize_reads_threshold`; GPT-2's masked scores load three): hence one comparison
+    and one word per slot.
+
+    The element index is int32 on GPUs where it fits (they emulate int64 arithmetic), int64 on
+    CPUs, the loop counter's type: inductor's C++ backend builds an int32 index vector from 16
+    converted scalars (measured on AVX-512: +13 % on a pass over 3.1 M float32 elements)."""
+    total = xs.numel()
+    on_gpu = xs.device.type != "cpu"
+    index_dtype = torch.int32 if on_gpu and total < 2**31 else torch.int64
+    flat = torch.arange(total, device=xs.device, dtype=index_dtype).view(xs.shape)
+    target = target.to(index_dtype)
+    result = xs
+    for f in range(target.shape[0]):  # slots: a static count
+        result = torch.where(flat == target[f], flipped(f), result)
+    return result
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """``t``, which inductor must store in a buffer rather than recompute in each reader: its
+    stride-order hint realises its input (with no copy when the strides already match), except a
+    tensor of one element, which it returns as it is; those go through an opaque copy."""
+    if t.numel() <= 1:
+        return torch.ops.fxsdc.copy(t)
+    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
+    return torch.ops.prims.inductor_force_stride_order(t, t.stride())
 
 
 # ``fxsdc::take_elements(x, index)``: ``torch.take`` (the elements at flat row-major offsets of
@@ -153,6 +210,44 @@ _LIBRARY.impl("take_elements", torch.take, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fxsdc::take_elements")
 def _take_elements_shape(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(index.shape)
+
+
+# ``fxsdc::copy(x)``: a copy inductor cannot see into, so that both its input and its output are
+# stored (see _stored).
+_LIBRARY.define("copy(Tensor x) -> Tensor")
+_LIBRARY.impl("copy", torch.clone, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fxsdc::copy")
+def _copy_shape(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+# ``fxsdc::xor_elements_(x, index, bits)``: XOR ``bits`` (integers of x's width) into the
+# elements at flat row-major offsets of x, whatever its strides, and return their values before.
+# Declared as mutating x: functionalised under torch.compile, then re-inplaced by inductor onto
+# x's own buffer when nothing reads x's old value afterwards, as holds for an injection site (its
+# node's users read the injection node). One op both reads and writes: with a separate read,
+# inductor stored a softmax output twice, once for the read and once for the write.
+_LIBRARY.define("xor_elements_(Tensor(a!) x, Tensor index, Tensor bits) -> Tensor")
+
+
+def _xor_elements(x: torch.Tensor, index: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    # A fault is no part of the model's autograd graph (and a split's pieces refuse in-place
+    # writes with grad mode on).
+    with torch.no_grad():
+        values = torch.take(x, index)
+        x.put_(index, _flip(values, bits))
+    return values
+
+
+_LIBRARY.impl("xor_elements_", _xor_elements, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fxsdc::xor_elements_")
+def _xor_elements_shape(x: torch.Tensor, index: torch.Tensor, bits: torch.Tensor
+                        ) -> torch.Tensor:
     return x.new_empty(index.shape)
 
 

@@ -188,10 +188,11 @@ def store_injected_sites(site: AttentionSite) -> None:
     each row. Unstored, inductor recomputes each select (with the scaling and masking) in every
     one of them: measured on one compiled GPT-2 small layer at 4 x 256 on the CPU, the fused
     softmax and checks kernel took 62 ms, against 26 ms plus a 1 ms store of the scores. Unchecked
-    layers keep their selects inside the kernels that consume the sites."""
+    layers keep their selects inside the kernels that consume the sites. Sites flipped in place
+    are stored already."""
     for location in LOCATIONS:
         node = site.consumed(location)
-        if node.target is runtime.inject_bitflips:
+        if node.target is runtime.inject_bitflips and not node.kwargs.get("in_place"):
             node.kwargs = {**node.kwargs, "store": True}
 
 

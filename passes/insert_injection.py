@@ -69,31 +69,58 @@ def _fused_heads(shape: Sequence[int], batch: int) -> int:
     return 0 if shape[0] == batch else shape[0] // batch
 
 
-def reads_gemm_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_gemm_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` is a GEMM's output or a view of one (views, transposes, a split's
-    pieces): under torch.compile a buffer that exists anyway, so an injection node can read its
-    records from it without making inductor materialise another tensor."""
-    while True:
-        if is_op(node, "matmul") or is_op(node, "linear", modules):
-            return True
+    pieces) with no other op reading it on the way. Under torch.compile the GEMM's output is a
+    buffer that exists anyway, which an injection node at ``node`` (whose users it takes over)
+    can flip in place without another reader seeing the flip."""
+    while not (is_op(node, "matmul") or is_op(node, "linear", modules)):
         if is_op(node, "view") or is_op(node, "permute"):
-            node = node.args[0]
+            parent = node.args[0]
         elif (node.op == "call_function" and node.target is operator.getitem
-              and isinstance(node.args[0], fx.Node) and is_op(node.args[0], "view")):
-            node = node.args[0]
+              and isinstance(node.args[0], fx.Node) and is_op(node.args[0], "view")
+              and _distinct_pieces(node.args[0])):
+            parent = node.args[0].args[0]  # past the split, whose other pieces are disjoint
         else:
             return False
+        if len(tensor_users(parent)) != 1:
+            return False
+        node = parent
+    return True
 
 
-def record_source(site: AttentionSite, location: str, modules: dict[str, nn.Module]
-                  ) -> dict[str, object]:
-    """Where an injection node reads its records, as its keyword arguments: the site's tensor
-    itself where it is a GEMM's output; for the scaled scores, the product q·kᵀ and the one
-    constant scaling the model applies to it (replayed on the read elements); else nothing (the
-    records come from the flipped tensor, see :func:`fxsdc.runtime.inject_bitflips`)."""
+def _distinct_pieces(split: fx.Node) -> bool:
+    """Whether each value user of a split or chunk takes a piece of its own."""
+    users = tensor_users(split)
+    pieces = [u.args[1] for u in users if u.op == "call_function" and u.target is operator.getitem]
+    return len(pieces) == len(users) == len(set(pieces))
+
+
+def feeds_gemms_only(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether every value user of ``node`` is a GEMM, or reaches one through ops that pass the
+    values on unchanged (dropout in eval mode, casts to the same dtype): then torch.compile stores
+    ``node``'s tensor as the GEMM's operand anyway, e.g. the attention weights."""
+    users = tensor_users(node)
+    dtype = node.meta["tensor_meta"].dtype
+    return bool(users) and all(
+        is_op(user, "matmul") or (
+            (is_op(user, "dropout", modules) or is_op(user, "cast"))
+            and is_tensor(user) and user.meta["tensor_meta"].dtype == dtype
+            and feeds_gemms_only(user, modules))
+        for user in users)
+
+
+def injection_kwargs(site: AttentionSite, location: str, modules: dict[str, nn.Module]
+                     ) -> dict[str, object]:
+    """How an injection node flips its site (:func:`fxsdc.runtime.inject_bitflips`), as its
+    keyword arguments: in place where the site's tensor is one the model stores anyway and no
+    other op reads (a GEMM's output, or weights that only feed a GEMM); for the scaled scores, by a select of values flipped from the product
+    q·kᵀ and the one constant scaling the model applies to it (replayed on the read elements);
+    else (nothing) by a select of the flipped elements."""
     node = site.node(location)
-    if reads_gemm_output(node, modules):
-        return {"source": node}
+    # The weights are softmax's own output; other sites may be views, whose bases others read.
+    if is_gemm_output(node, modules) or (location == "weights" and feeds_gemms_only(node, modules)):
+        return {"in_place": True}
     if location == "scores" and site.scale is not None:  # site.qk is a matmul: a GEMM output
         (op,) = site.scale_ops
         operand, divides = site.scale
@@ -137,7 +164,7 @@ def insert_fault_injection(gm: fx.GraphModule, *, locations: Sequence[str] = LOC
             site_id = len(sites)
             users = tensor_users(target)
             with gm.graph.inserting_after(target):
-                kwargs = (record_source(attention[layer], location, modules)
+                kwargs = (injection_kwargs(attention[layer], location, modules)
                           if inject is runtime.inject_bitflips else {})
                 node = gm.graph.create_node("call_function", inject,
                                             (target, site_id, fused, *reads), kwargs,

@@ -212,3 +212,40 @@ def test_take_elements_reads_flat_offsets_of_strided_views():
     taken = torch.ops.fxsdc.take_elements(x, index)
     assert torch.equal(taken, x.contiguous().view(-1)[index])
     torch.library.opcheck(torch.ops.fxsdc.take_elements.default, (x, index))
+
+
+def test_xor_elements_flips_flat_offsets_of_strided_views():
+    """The in-place flip XORs x at flat row-major offsets whatever x's strides, writing through
+    to the GEMM output x is a view of, and returns the values before; its fake kernel agrees
+    with it (opcheck)."""
+    base = torch.randn(2, 5, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    x = base[:, :, 1].permute(0, 2, 1, 3)  # (2, 4, 5, 6), not contiguous
+    index = torch.tensor([0, 7, 61, x.numel() - 1])
+    bits = torch.tensor([-2**31, 1 << 30, 1, 0], dtype=torch.int32)  # the sign bit, as stored
+    expected = x.contiguous().view(-1).view(torch.int32).clone()  # bits: flips may make NaNs
+    expected[index] ^= bits
+    before = base.clone()
+    values = torch.ops.fxsdc.xor_elements_(x, index, bits)
+    assert torch.equal(values, before[:, :, 1].permute(0, 2, 1, 3).reshape(-1)[index])
+    assert torch.equal(x.reshape(-1).view(torch.int32), expected)
+    others = torch.ones_like(base, dtype=torch.bool)
+    others[:, :, 1] = False
+    assert torch.equal(base[others], before[others])  # the other pieces are untouched
+    clean = before[:, :, 1].permute(0, 2, 1, 3)  # opcheck compares values: no NaN
+    low_bits = torch.tensor([1, 2, 4, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fxsdc.xor_elements_.default, (clean, index, low_bits))
+
+
+@pytest.mark.parametrize("location", ["v", "weights", "scores"])  # in place, in place, select
+def test_idle_slots_on_an_active_slots_element_keep_its_flip(location):
+    """Idle slots read and write an element too (the first, clamped from offset -1): a fault on
+    that element must survive them, with the same output and record as with one slot."""
+    outputs, records = [], []
+    for slots in (1, 3):
+        result = instrument("gpt2", tiny=True, locations=[location], layers=[0], slots=slots)
+        result.faults.set_faults([Fault(0, location, (0, 0, 0, 0), (30,))], 3, 13)
+        outputs.append(result(**result.example)["logits"])
+        records.append(result.faults.applied())
+    assert torch.equal(outputs[0].view(torch.int32), outputs[1].view(torch.int32))  # NaN too
+    assert records[0] == records[1]
+    assert abs(records[0][0]["after"]) > 1e30  # bit 30 of a value below 2 in magnitude

@@ -13,7 +13,7 @@ from fxsdc.faults import Fault, FaultController
 from passes.graph_view import normalized_text
 from passes.insert_checks import insert_checks
 from passes.insert_injection import insert_fault_injection
-from passes.match_attention import AttentionNotFound, match_attention
+from passes.match_attention import LOCATIONS, AttentionNotFound, match_attention
 from passes.ops import is_op
 from passes.shapes import propagate_shapes
 
@@ -152,17 +152,23 @@ def test_head_columns_of_wide_16_bit_projections(dtype):
     assert int(maps[1][2][0].max()) == 3 * 384 - 1  # v's last column, beyond 2^8 and 2^11
 
 
-@pytest.mark.parametrize("name, reads_input", [
+@pytest.mark.parametrize("name, dtype, modes", [
     # q/k/v: views of the fused projection's addmm; scores: q·kᵀ, divided by a constant
-    ("gpt2", {"q", "k", "v", "scores", "out"}),
-    ("facebook/opt-125m", {"k", "v", "scores", "out"}),  # q is scaled after its projection
+    ("gpt2", torch.float32, "iiivii"),
+    # q is scaled after its projection, so the product is the scores
+    ("facebook/opt-125m", torch.float32, "siiiii"),
+    # softmax in float32, cast to bfloat16 before the product: the weights are never stored
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", torch.bfloat16, "iiivsi"),
 ])
-def test_records_read_gemm_outputs_only(name, reads_input):
-    """Injection nodes read their records from a GEMM's output (a buffer under torch.compile
-    anyway) where the site is one or, for the scores, a constant scaling of one; elsewhere from
-    the flipped tensor."""
+def test_injection_mode_follows_what_the_model_stores(name, dtype, modes):
+    """Sites that torch.compile stores anyway (a GEMM's output, the weights feeding the second
+    GEMM) are flipped in place (i); the scaled scores by a select of values flipped from q·kᵀ
+    (v), with the records read from the product; the rest by a select of flipped elements (s)."""
     import fxsdc
-    result = fxsdc.instrument(name, tiny=True, layers=[0])
+    result = fxsdc.instrument(name, tiny=True, layers=[0], dtype=dtype)
     nodes = result.gm.graph.find_nodes(op="call_function", target=fxsdc.runtime.inject_bitflips)
     assert len(nodes) == len(result.sites)
-    assert {n.meta["fxsdc_site"][1] for n in nodes if "source" in n.kwargs} == reads_input
+    expected = dict(zip(LOCATIONS, modes))  # modes in LOCATIONS' order
+    found = {n.meta["fxsdc_site"][1]: "i" if n.kwargs.get("in_place") else
+             "v" if "source" in n.kwargs else "s" for n in nodes}
+    assert found == expected
