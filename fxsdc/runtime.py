@@ -224,22 +224,22 @@ def _copy_shape(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-# ``fxsdc::xor_elements_(x, index, bits)``: XOR ``bits`` (integers of x's width) into the
-# elements at flat row-major offsets of x, whatever its strides, and return their values before.
-# Declared as mutating x: functionalised under torch.compile, then re-inplaced by inductor onto
-# x's own buffer when nothing reads x's old value afterwards, as holds for an injection site (its
-# node's users read the injection node). One op both reads and writes: with a separate read,
-# inductor stored a softmax output twice, once for the read and once for the write.
+# ``fxsdc::xor_elements_(x, index, bits)``: XOR ``bits`` (integers of x's width, e.g. int32 for
+# float32) into the elements at flat row-major offsets of x, whatever its strides, and return
+# their values before. Declared as mutating x: functionalised under torch.compile, then
+# re-inplaced by inductor onto x's own buffer when nothing reads x's old value afterwards, as
+# holds for an injection site (its node's users read the injection node). One op both reads and
+# writes: with a separate read, inductor stored a softmax output twice, for the read and the write.
 _LIBRARY.define("xor_elements_(Tensor(a!) x, Tensor index, Tensor bits) -> Tensor")
 
 
 def _xor_elements(x: torch.Tensor, index: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    # A fault is no part of the model's autograd graph (and a split's pieces refuse in-place
-    # writes with grad mode on).
-    with torch.no_grad():
-        values = torch.take(x, index)
-        x.put_(index, _flip(values, bits))
-    return values
+    # Three ops on x's integer view: a compiled forward calls this from Python once per site.
+    # (Callers write in place only where autograd does not record x, see inject_bitflips.)
+    as_int = x.view(bits.dtype)
+    values = as_int.take(index)
+    as_int.put_(index, values ^ bits)
+    return values.view(x.dtype)
 
 
 _LIBRARY.impl("xor_elements_", _xor_elements, "CompositeExplicitAutograd")
