@@ -114,9 +114,10 @@ def injection_kwargs(site: AttentionSite, location: str, modules: dict[str, nn.M
                      ) -> dict[str, object]:
     """How an injection node flips its site (:func:`fxsdc.runtime.inject_bitflips`), as its
     keyword arguments: in place where the site's tensor is one the model stores anyway and no
-    other op reads (a GEMM's output, or weights that only feed a GEMM); for the scaled scores, by a select of values flipped from the product
-    q·kᵀ and the one constant scaling the model applies to it (replayed on the read elements);
-    else (nothing) by a select of the flipped elements."""
+    other op reads (a GEMM's output, or weights that only feed a GEMM); for the scaled scores, by
+    a select of values flipped from the product q·kᵀ and the one constant scaling the model
+    applies to it (replayed on the read elements); else (nothing) by a select of the flipped
+    elements."""
     node = site.node(location)
     # The weights are softmax's own output; other sites may be views, whose bases others read.
     if is_gemm_output(node, modules) or (location == "weights" and feeds_gemms_only(node, modules)):
