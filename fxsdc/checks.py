@@ -10,7 +10,9 @@ NaN/Inf, ``0`` for a row that cannot be checked (fewer than two valid keys, say)
 accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
 
 **Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype, except the
-per-element work of the two softmax checks (below):
+per-element work of the two softmax checks (below) and of the matmul ABFT's sums over C's rows
+and over the long rows of A (float32 partial sums of 16 terms, added in float64; see
+``matmul_checksum_score``):
 
 - its own rounding (u = 2^-53) is then negligible next to the model's (2^-8 for bfloat16, 2^-24
   for float32), so each tolerance is the model's error plus a sliver, which is the most
@@ -545,8 +547,19 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     b.dtype)``: exact operands - or autocast's rounding when a or b is finer than c - and fp32
     accumulation for 16/32-bit, x2 for truncating accumulators).
 
+    **Where the check's arithmetic runs.** The per-element sums over C's rows and, when A's rows
+    are the longer ones (k > m: weights . V, where A is attention-sized), over A's rows run in
+    the element dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial
+    sums of ``_BLOCK`` terms each (``_partial_sums``), which are added in float64. Converting
+    every element to float64 instead costs more than the rest of the check on CPUs (inductor's
+    C++ backend converts float32 to float64 through memory, element by element), while a
+    partial sum of 16 terms errs by at most gamma_15(u_e), about 1e-6 relative - an eighth of a
+    float32 GEMM's own bound at k = 64 and under a thirtieth at k = 256. The shorter side's
+    B.1 and A.(B.1) (k <= m: q . k^T, where B is attention-sized) stay in float64, as do the
+    per-row terms.
+
     Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|,
-    rel_k = d_in + gamma_k(accum_u) (1 + d_in), d_in = (1 + input_u)^2 - 1:
+    A_i = sum_l |a_il|, rel_k = d_in + gamma_k(accum_u) (1 + d_in), d_in = (1 + input_u)^2 - 1:
       GEMM:    |p_ij - (AB)_ij| <= rel_k (|A||B|)_ij + u_out |p_ij| + k tiny_acc + eta_out for the
                rounded product p (operand rounding, accumulation in any order, rounding to c's
                dtype bounded by the rounded value);
@@ -556,12 +569,17 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                |c_ij - s (AB)_ij| <= |s| ((1 + g_op) rel_k + g_op) (|A||B|)_ij
                                      + gamma_2(u_out) |c_ij| + |s| (1 + g_op)(k tiny_acc + eta_out) + eta_out
                (without a scale: g_op = 0 and gamma_1(u_out) |c_ij|);
-      check:   float64 row sum of c: gamma_m(u_c) S_i; s * A.(B.1): B.1 costs gamma_m, the dot
-               gamma_k, the scale and its reciprocal 2, together <= gamma_{m+k+2}(u_c) |s| Q_i
-               (Lemma 3.3);
+      check:   row sum of c: partial sums gamma_15(u_e) S_i (+ m tiny_e for elements a
+               flushing unit reads as zero), float64 total and the subtraction gamma_m(u_c) S_i;
+               s * A.(B.1) in float64: B.1 costs gamma_m, the dot gamma_k, the scale and its
+               reciprocal 2, together <= gamma_{m+k+2}(u_c) |s| Q_i (Lemma 3.3); in e (k > m):
+               B.1 summed in e (gamma_{m-1}(u_e) per row of B, + m tiny_e per row for flushed
+               elements), the products (u_e, + tiny_e each for underflow) and their partial sums
+               (gamma_15(u_e)): gamma_{m+16}(u_e) |s| Q_i + |s| (m A_i + k) tiny_e (1 + u_e)^2;
       tol_i  = (sum over j of the above + tiny) * slack.
     The check reads the stored operands, so beyond the GEMM's own operand rounding they carry
-    no error.
+    no error. A row of C holding a NaN or an infinity scores +inf; a finite row whose float32
+    sums overflow (entries near 1e37) is not checked (score 0) rather than flagged.
     """
     k = a.shape[-1]
     m = b.shape[-1]
@@ -574,54 +592,93 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     u_out = unit_roundoff(c.dtype)
     eta_out = _out_eta(c.dtype)
     tiny_acc = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).tiny
-    a64, b64, c64 = a.to(CHECK_DTYPE), b.to(CHECK_DTYPE), c.to(CHECK_DTYPE)
-    lhs = c64.sum(-1)
-    # A.(B.1) as a broadcast product summed over k, not a GEMV: the reduction then runs over
-    # rows of A in the pass that reads them anyway (A = the softmax weights for weights.V),
-    # where an extern GEMV would need a materialised float64 copy of A. Same dot products, so
-    # the same gamma_k bound (any summation order).
-    b_sum = b64.sum(-1).unsqueeze(-2)
-    rhs = (a64 * b_sum).sum(-1) * s
-    c_abs, q_abs = _checksum_magnitudes(a, b, c)
-    rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK))
-    rel_c = gamma(1 if scale is None else 2, u_out) + gamma(m, U_CHECK)
-    absolute = m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out) + _TINY_CHECK
-    tol = (rel_q * q_abs + rel_c * c_abs + absolute) * _slack(m + k + 8)
-    nonfinite = ~(torch.isfinite(lhs) & torch.isfinite(rhs))
-    return _finish((lhs - rhs).abs(), tol, nonfinite)
+    elem = element_dtype(a.dtype, b.dtype, c.dtype)
+    u_e, tiny_e = unit_roundoff(elem), torch.finfo(elem).tiny
+    a_e, b_e, c_e = a.to(elem), b.to(elem), c.to(elem)
+    lhs = _partial_sums(c_e).to(CHECK_DTYPE).sum(-1)
+    nonfinite = nan_or_posinf(_blocked(c_e.abs()).amax(-2).amax(-1))
+    if k > m:  # A is the long side: A.(B.1) in e, in the pass over A that sums its magnitudes
+        rhs = _partial_sums(a_e * b_e.sum(-1).unsqueeze(-2)).to(CHECK_DTYPE).sum(-1) * s
+        rhs_rel = gamma(m + _BLOCK, u_e)
+    else:  # B is the long side: B.1 and A.(B.1) in float64 (over the short k)
+        rhs = (a.to(CHECK_DTYPE) * b.to(CHECK_DTYPE).sum(-1).unsqueeze(-2)).sum(-1) * s
+        rhs_rel = 0.0
+    c_bound, q_bound, a_bound = _checksum_magnitudes(a_e, b_e, c_e)
+    rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK) + rhs_rel)
+    rel_c = gamma(1 if scale is None else 2, u_out) + gamma(_BLOCK - 1, u_e) + gamma(m, U_CHECK)
+    absolute = (m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out + tiny_e)
+                + _TINY_CHECK)
+    if a_bound is not None:
+        absolute = absolute + s_abs * (m * a_bound + k) * tiny_e * (1 + u_e) ** 2
+    tol = (rel_q * q_bound + rel_c * c_bound + absolute) * _slack(m + k + 8)
+    checkable = torch.isfinite(lhs) & torch.isfinite(rhs)
+    return _finish((lhs - rhs).abs(), tol, nonfinite, checkable)
+
+
+_BLOCK = 16
+
+
+def _blocked(x: torch.Tensor) -> torch.Tensor:
+    """``x[..., L]`` zero-padded to a multiple of ``_BLOCK`` and viewed as ``[..., _BLOCK, nb]``
+    (nb = ceil(L / _BLOCK)): column j holds elements j, j + nb, ..., so reducing over dim -2
+    gives nb partial results of ``_BLOCK`` elements each, accumulated lane by lane in vector
+    registers (no reduction across lanes until the nb partials are combined)."""
+    length = x.shape[-1]
+    pad = (-length) % _BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.unflatten(-1, (_BLOCK, -1))
+
+
+def _partial_sums(x: torch.Tensor) -> torch.Tensor:
+    """``[..., L] -> [..., ceil(L / _BLOCK)]``: sums of ``_BLOCK`` elements each, in x's dtype.
+    Each errs by at most gamma_{_BLOCK - 1}(u_x) times the sum of its terms' magnitudes (any
+    order, Higham section 3.1); callers add the partial sums in float64."""
+    return _blocked(x).sum(-2)
 
 
 def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper bounds, float64, on S = sum_j |c_ij| and Q = sum_l |a_il| sum_j |b_lj| for
-    ``matmul_checksum_score``, summed in the element dtype e (float32 unless an input is
-    float64; exact conversions): they only scale the tolerance, and float32 halves the
-    per-element cost of the pass over A and C (measured with the float32 projection sums and
-    ``upper_matmul``: the ABFT cost of one GPT-2 layer, CPU float32 4 x 256, 26 -> 14 ms).
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Upper bounds, float64, on S = sum_j |c_ij|, Q = sum_l |a_il| sum_j |b_lj| and (when
+    k > m, for the float32 A.(B.1) of ``matmul_checksum_score``) A = sum_l |a_il|, else None.
+    They only scale the tolerance, so they are summed in the element dtype e (float32 unless an
+    input is float64; exact conversions), in the same passes and blocks as the checksums.
 
-    A computed sum of n non-negative terms is at least (1 - gamma_n(u_e)) times the exact sum of
-    the terms it adds (any order), and a term that is a flushed subnormal or an underflowed
-    product loses under tiny_e: so S <= (S_hat + m tiny) / (1 - gamma_m). For Q, each
-    B_l = sum_j |b_lj| is first raised to B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then
-    Q <= (Q_hat + k tiny (1 + max B~)) / ((1 - gamma_k)(1 - gamma_m)) (k products and
-    additions; a flushed a_l loses under tiny B~_l). 2^-50 covers the float64 roundings here.
+    A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
+    it adds (any order): g = gamma_{_BLOCK}(u_e) for ``_partial_sums`` of products added in
+    float64 (gamma_{_BLOCK - 1} for plain terms; the float64 additions, at most 2^20 of them,
+    are covered by gamma_{2^20}(2^-53) < 2^-32), gamma_k(u_e) for A's row summed whole in e.
+    A term that is a flushed subnormal or an underflowed product loses under tiny_e. So
+    S <= (S_hat + m tiny) / (1 - gamma_15). For Q, each B_l = sum_j |b_lj| is first raised to
+    B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then Q <= (Q_hat + k tiny (1 + max B~)) /
+    ((1 - g)(1 - gamma_m)) (a flushed a_l loses under tiny B~_l); A <= (A_hat + k tiny) /
+    (1 - gamma_15).
     """
     dtype = element_dtype(a.dtype, b.dtype, c.dtype)
     u = unit_roundoff(dtype)
     tiny = torch.finfo(dtype).tiny
     k, m = a.shape[-1], b.shape[-1]
-    g_m, g_k = gamma(m, u), gamma(k, u)
-    if g_m >= 1 or g_k >= 1:  # no bound: an infinite tolerance never flags
+    blocked = k > m
+    g_m, g_c = gamma(m, u), gamma(_BLOCK - 1, u)
+    g_q = gamma(_BLOCK, u) if blocked else gamma(k, u)
+    if max(g_m, g_q) >= 1:  # no bound: an infinite tolerance never flags
         inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
-        return inf, inf
+        return inf, inf, inf if blocked else None
+    a_abs = a.to(dtype).abs()
     row_b = b.to(dtype).abs().sum(-1) + m * tiny
-    s_hat = c.to(dtype).abs().sum(-1).to(CHECK_DTYPE)
-    q_hat = (a.to(dtype).abs() * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
-    grow = 1 + 2.0 ** -50
-    c_abs = (s_hat + m * tiny) * (grow / (1 - g_m))
+    s_hat = _partial_sums(c.to(dtype).abs()).to(CHECK_DTYPE).sum(-1)
+    if blocked:
+        q_hat = _partial_sums(a_abs * row_b.unsqueeze(-2)).to(CHECK_DTYPE).sum(-1)
+    else:
+        q_hat = (a_abs * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
+    grow = 1 / (1 - 2.0 ** -32)
+    c_bound = (s_hat + m * tiny) * (grow / (1 - g_c))
     b_max = row_b.amax(-1, keepdim=True).to(CHECK_DTYPE)  # broadcasts over the rows of A
-    q_abs = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_k) * (1 - g_m)))
-    return c_abs, q_abs
+    q_bound = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
+    if not blocked:
+        return c_bound, q_bound, None
+    a_hat = _partial_sums(a_abs).to(CHECK_DTYPE).sum(-1)
+    return c_bound, q_bound, (a_hat + k * tiny) * (grow / (1 - g_c))
 
 
 def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.Tensor,

@@ -163,19 +163,24 @@ def test_upper_matmul_bounds_the_exact_product(dtype: torch.dtype, scale: float)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1e-40, 1.0, 1e30])
-def test_checksum_magnitudes_bound_the_exact_sums(dtype: torch.dtype, scale: float) -> None:
+@pytest.mark.parametrize("m", [256, 16])  # k = 64 <= m: A's sums whole; k > m: in blocks
+def test_checksum_magnitudes_bound_the_exact_sums(dtype: torch.dtype, scale: float, m: int) -> None:
     """The magnitudes that scale the matmul checksum's tolerance, summed in float32, are never
-    below the exact sum_j |c_ij| and sum_l |a_il| sum_j |b_lj| (float64 references, exact to
-    far below float32's rounding; float64 inputs would need an exact reference)."""
+    below the exact sum_j |c_ij|, sum_l |a_il| sum_j |b_lj| and sum_l |a_il| (float64
+    references, exact to far below float32's rounding; float64 inputs would need an exact
+    reference)."""
     gen = torch.Generator().manual_seed(3)
     a = (torch.randn(2, 3, 40, 64, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    b = (torch.randn(2, 3, 64, 256, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    b = (torch.randn(2, 3, 64, m, generator=gen, dtype=torch.float64) * scale).to(dtype)
     c = (a.double() @ b.double()).to(dtype)
-    c_abs, q_abs = checks._checksum_magnitudes(a, b, c)
+    c_abs, q_abs, a_abs = checks._checksum_magnitudes(a, b, c)
     slack = 1 / (1 - checks.gamma(512, 2.0**-53))  # float64 reference sums
     assert (c_abs >= c.double().abs().sum(-1) * slack).all()
     assert (q_abs >= (a.double().abs() * b.double().abs().sum(-1).unsqueeze(-2)).sum(-1)
             * slack).all()
+    assert (a_abs is None) == (m > 64)
+    if a_abs is not None:
+        assert (a_abs >= a.double().abs().sum(-1) * slack).all()
 
 
 # ------------------------------------------------------------------ clean matmuls
@@ -420,15 +425,16 @@ def test_checks_compile_fullgraph_and_match_eager() -> None:
         assert torch.equal(e > 1, k > 1)
         finite = torch.isfinite(e)
         assert torch.equal(finite, torch.isfinite(k))
-        if i >= 2:  # ABFT: float64 throughout, so eager and compiled agree to float64 rounding.
+        if i == 3:  # linear ABFT: float64 throughout, so eager and compiled agree to its rounding
             torch.testing.assert_close(e[finite], k[finite])
         else:
-            # The softmax checks sum rows in float32, in another order when compiled. Each
-            # evaluation's violation is within E_sum of the exact one (the part of the tolerance
-            # that pays for the check's own rounding, E_sum < tol): < 2 in score units. The
-            # tolerance itself comes from float32 sums of magnitudes, relative error <= g =
-            # gamma_L(2^-24) each time, which moves a large score by < 4 g of itself.
-            g = checks.gamma(logits.shape[-1], 2.0**-24)
+            # The softmax checks and the matmul ABFT sum rows in float32 (whole or in blocks of
+            # 16), in another order when compiled. Each evaluation's violation is within the
+            # part of the tolerance that pays for the check's own rounding (< tol) of the exact
+            # one: < 2 in score units. The tolerance itself comes from float32 sums of
+            # magnitudes, relative error <= g = gamma_n(2^-24) (n <= 16 terms here) each time,
+            # which moves a large score by < 4 g of itself.
+            g = checks.gamma(16, 2.0**-24)
             bound = 2 + 4 * g * torch.maximum(e[finite], k[finite])
             assert ((e[finite] - k[finite]).abs() < bound).all()
     flagged = [int((e > 1).sum()) for e in eager]
