@@ -646,8 +646,9 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
 
     A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
     it adds (any order): g = gamma_{_BLOCK}(u_e) for ``_partial_sums`` of products added in
-    float64 (gamma_{_BLOCK - 1} for plain terms; the float64 additions, at most 2^20 of them,
-    are covered by gamma_{2^20}(2^-53) < 2^-32), gamma_k(u_e) for A's row summed whole in e.
+    float64 (gamma_{_BLOCK - 1} for plain terms; the float64 additions of at most max(k, m)
+    partial sums and the corrections below, by gamma_{max(k, m) + 4}(2^-53)), gamma_k(u_e) for
+    A's row summed whole in e.
     A term that is a flushed subnormal or an underflowed product loses under tiny_e. So
     S <= (S_hat + m tiny) / (1 - gamma_15). For Q, each B_l = sum_j |b_lj| is first raised to
     B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then Q <= (Q_hat + k tiny (1 + max B~)) /
@@ -671,7 +672,7 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
         q_hat = _partial_sums(a_abs * row_b.unsqueeze(-2)).to(CHECK_DTYPE).sum(-1)
     else:
         q_hat = (a_abs * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
-    grow = 1 / (1 - 2.0 ** -32)
+    grow = 1 / (1 - gamma(max(k, m) + 4, U_CHECK))  # the float64 additions and products
     c_bound = (s_hat + m * tiny) * (grow / (1 - g_c))
     b_max = row_b.amax(-1, keepdim=True).to(CHECK_DTYPE)  # broadcasts over the rows of A
     q_bound = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
