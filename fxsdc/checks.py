@@ -527,6 +527,29 @@ def _scale_parts(scale: float | torch.Tensor | None,
     return float(scale), abs(float(scale))
 
 
+_BLOCK = 16
+
+
+def _blocked(x: torch.Tensor) -> torch.Tensor:
+    """``x[..., L]`` zero-padded to a multiple of ``_BLOCK`` and viewed as ``[..., _BLOCK, nb]``
+    (nb = ceil(L / _BLOCK)): column j holds elements j, j + nb, ..., so reducing over dim -2
+    gives nb partial results of ``_BLOCK`` elements each, accumulated lane by lane in vector
+    registers (no reduction across lanes until the nb partials are combined)."""
+    length = x.shape[-1]
+    pad = (-length) % _BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.unflatten(-1, (_BLOCK, -1))
+
+
+def _sum_in_blocks(x: torch.Tensor) -> torch.Tensor:
+    """Float64 sum over the last dim from partial sums of ``_BLOCK`` elements each in x's dtype
+    (see ``_blocked``). Each partial sum errs by at most gamma_{_BLOCK - 1}(u_x) times the sum of
+    its terms' magnitudes (any order, Higham section 3.1); the float64 additions of the
+    ceil(L / _BLOCK) partials are the caller's to charge."""
+    return _blocked(x).sum(-2).to(CHECK_DTYPE).sum(-1)
+
+
 def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                           scale: float | torch.Tensor | None = None,
                           input_u: float | None = None,
@@ -550,7 +573,7 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     **Where the check's arithmetic runs.** The per-element sums over C's rows and, when A's rows
     are the longer ones (k > m: weights . V, where A is attention-sized), over A's rows run in
     the element dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial
-    sums of ``_BLOCK`` terms each (``_partial_sums``), which are added in float64. Converting
+    sums of ``_BLOCK`` terms each, which are added in float64 (``_sum_in_blocks``). Converting
     every element to float64 instead costs more than the rest of the check on CPUs (inductor's
     C++ backend converts float32 to float64 through memory, element by element), while a
     partial sum of 16 terms errs by at most gamma_15(u_e), about 1e-6 relative - an eighth of a
@@ -595,10 +618,10 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     elem = element_dtype(a.dtype, b.dtype, c.dtype)
     u_e, tiny_e = unit_roundoff(elem), torch.finfo(elem).tiny
     a_e, b_e, c_e = a.to(elem), b.to(elem), c.to(elem)
-    lhs = _partial_sums(c_e).to(CHECK_DTYPE).sum(-1)
+    lhs = _sum_in_blocks(c_e)
     nonfinite = nan_or_posinf(_blocked(c_e.abs()).amax(-2).amax(-1))
     if k > m:  # A is the long side: A.(B.1) in e, in the pass over A that sums its magnitudes
-        rhs = _partial_sums(a_e * b_e.sum(-1).unsqueeze(-2)).to(CHECK_DTYPE).sum(-1) * s
+        rhs = _sum_in_blocks(a_e * b_e.sum(-1).unsqueeze(-2)) * s
         rhs_rel = gamma(m + _BLOCK, u_e)
     else:  # B is the long side: B.1 and A.(B.1) in float64 (over the short k)
         rhs = (a.to(CHECK_DTYPE) * b.to(CHECK_DTYPE).sum(-1).unsqueeze(-2)).sum(-1) * s
@@ -615,28 +638,6 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     return _finish((lhs - rhs).abs(), tol, nonfinite, checkable)
 
 
-_BLOCK = 16
-
-
-def _blocked(x: torch.Tensor) -> torch.Tensor:
-    """``x[..., L]`` zero-padded to a multiple of ``_BLOCK`` and viewed as ``[..., _BLOCK, nb]``
-    (nb = ceil(L / _BLOCK)): column j holds elements j, j + nb, ..., so reducing over dim -2
-    gives nb partial results of ``_BLOCK`` elements each, accumulated lane by lane in vector
-    registers (no reduction across lanes until the nb partials are combined)."""
-    length = x.shape[-1]
-    pad = (-length) % _BLOCK
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.unflatten(-1, (_BLOCK, -1))
-
-
-def _partial_sums(x: torch.Tensor) -> torch.Tensor:
-    """``[..., L] -> [..., ceil(L / _BLOCK)]``: sums of ``_BLOCK`` elements each, in x's dtype.
-    Each errs by at most gamma_{_BLOCK - 1}(u_x) times the sum of its terms' magnitudes (any
-    order, Higham section 3.1); callers add the partial sums in float64."""
-    return _blocked(x).sum(-2)
-
-
 def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Upper bounds, float64, on S = sum_j |c_ij|, Q = sum_l |a_il| sum_j |b_lj| and (when
@@ -645,7 +646,7 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
     input is float64; exact conversions), in the same passes and blocks as the checksums.
 
     A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
-    it adds (any order): g = gamma_{_BLOCK}(u_e) for ``_partial_sums`` of products added in
+    it adds (any order): g = gamma_{_BLOCK}(u_e) for ``_sum_in_blocks`` of products added in
     float64 (gamma_{_BLOCK - 1} for plain terms; the float64 additions of at most max(k, m)
     partial sums and the corrections below, by gamma_{max(k, m) + 4}(2^-53)), gamma_k(u_e) for
     A's row summed whole in e.
@@ -667,9 +668,9 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
         return inf, inf, inf if blocked else None
     a_abs = a.to(dtype).abs()
     row_b = b.to(dtype).abs().sum(-1) + m * tiny
-    s_hat = _partial_sums(c.to(dtype).abs()).to(CHECK_DTYPE).sum(-1)
+    s_hat = _sum_in_blocks(c.to(dtype).abs())
     if blocked:
-        q_hat = _partial_sums(a_abs * row_b.unsqueeze(-2)).to(CHECK_DTYPE).sum(-1)
+        q_hat = _sum_in_blocks(a_abs * row_b.unsqueeze(-2))
     else:
         q_hat = (a_abs * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
     grow = 1 / (1 - gamma(max(k, m) + 4, U_CHECK))  # the float64 additions and products
@@ -678,7 +679,7 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
     q_bound = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
     if not blocked:
         return c_bound, q_bound, None
-    a_hat = _partial_sums(a_abs).to(CHECK_DTYPE).sum(-1)
+    a_hat = _sum_in_blocks(a_abs)
     return c_bound, q_bound, (a_hat + k * tiny) * (grow / (1 - g_c))
 
 
