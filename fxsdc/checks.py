@@ -342,8 +342,8 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
     checkable = None
     if logits is not None and mask is None:
         # Some valid key iff the row maximum is one: the same reduction as the softmax's own
-        # maximum (computed in float32, as the softmax does), which inductor then shares.
-        row_max = logits.to(element_dtype(logits.dtype)).amax(-1)
+        # maximum (float32, keepdim, as the softmax's), computed once (passes.merge_reductions).
+        row_max = logits.to(element_dtype(logits.dtype)).amax(-1, keepdim=True).squeeze(-1)
         checkable = row_max > torch.finfo(logits.dtype).min / 2
     elif logits is not None:
         checkable = valid_keys(logits, mask).any(-1)
@@ -358,16 +358,20 @@ def softmax_sum_score(weights: torch.Tensor, logits: torch.Tensor | None = None,
 # --------------------------------------------------------------------------------------------
 
 
-def top2_values(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def top2_values(x: torch.Tensor, valid: torch.Tensor, row_max: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest and second-largest valid entry of each row (last dim), a tie counting twice.
 
     Two max reductions and a count instead of ``torch.topk``: they fuse with the other row
-    reductions of the checks into one pass over the row, where topk is a separate sorting
-    kernel. Rows with fewer than two valid entries get -inf where a value is missing.
+    reductions of the checks, where topk is a separate sorting kernel. Rows with fewer than two
+    valid entries get -inf where a value is missing. ``row_max`` (optional, keepdim): the
+    largest valid entry when the caller already has it; the count and the second value then
+    need no maximum of their own first, and join the other row sums in one loop. Rows without a
+    valid entry then give unspecified values.
     """
     neg_inf = torch.full((), -math.inf, dtype=x.dtype, device=x.device)
     x = torch.where(valid, x, neg_inf)
-    first = x.amax(-1, keepdim=True)
+    first = x.amax(-1, keepdim=True) if row_max is None else row_max
     at_max = x == first  # all True in an all-invalid row (-inf == -inf): both values -inf
     ties = at_max.to(x.dtype).sum(-1)  # a float count: exact below 2^24, and vectorised
     rest = torch.where(at_max, neg_inf, x).amax(-1)
@@ -409,7 +413,12 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
     w = weights.to(elem)
     zero = torch.zeros((), dtype=elem, device=a.device)
     n = valid.to(elem).sum(-1).long()  # exact: rows are shorter than 2^24 keys
-    a_star, second = (v.to(CHECK_DTYPE) for v in top2_values(a, valid))
+    # Without a mask, valid keys are those above finfo.min / 2 and every masked one is below,
+    # so the maximum over all keys is the valid maximum (in rows with a valid key; the others
+    # are not checkable). It is the softmax's own maximum, which the compiled graph then
+    # computes once (passes.merge_reductions).
+    row_max = a.amax(-1, keepdim=True) if mask is None else None
+    a_star, second = (v.to(CHECK_DTYPE) for v in top2_values(a, valid, row_max))
     gam = a_star - second
     a_v = torch.where(valid, a, zero)
     wa = torch.where(valid, w * a, zero)

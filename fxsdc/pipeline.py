@@ -13,6 +13,7 @@ from passes.insert_checks import (CHECKS, CheckInfo, KNotEqualV, head_columns, i
                                   projection_params)
 from passes.insert_injection import FAULT_MODELS, SiteInfo, insert_fault_injection
 from passes.match_attention import LOCATIONS, AttentionNotFound, match_attention
+from passes.merge_reductions import compile_options
 from passes.shapes import propagate_shapes
 
 from . import models
@@ -56,10 +57,19 @@ class Instrumented:
         with torch.no_grad():
             return self.gm(**inputs)
 
-    def compile(self, **options: Any) -> nn.Module:
-        """``torch.compile`` of the instrumented module. Faults are armed through
-        ``self.faults`` as in eager mode; the compiled module shares the fault buffers."""
-        return torch.compile(self.gm, **options)
+    def compile(self, **kwargs: Any) -> nn.Module:
+        """``compile_module(self.gm, **kwargs)``. Faults are armed through ``self.faults`` as in
+        eager mode; the compiled module shares the fault buffers."""
+        return compile_module(self.gm, **kwargs)
+
+
+def compile_module(module: nn.Module, **kwargs: Any) -> nn.Module:
+    """``torch.compile(module, **kwargs)`` with fxsdc's inductor pass (``passes.merge_reductions``:
+    a check's row maximum shares the softmax's) added to any ``options``. Compile the original
+    model through this too when comparing: the pass then sees both graphs."""
+    if kwargs.get("backend", "inductor") == "inductor" and kwargs.get("mode") is None:
+        kwargs["options"] = {**compile_options(), **(kwargs.get("options") or {})}
+    return torch.compile(module, **kwargs)
 
 
 def _parse_layers(layers: Sequence[int] | None, num_layers: int) -> list[int] | None:

@@ -453,6 +453,13 @@ def test_top2_values_equal_topk(length: int, seed: int, p_valid: float) -> None:
     first, second = top2_values(x, valid)
     expected, _ = top2(x, mask=valid)
     assert torch.equal(first, expected[:, 0]) and torch.equal(second, expected[:, 1])
+    # Given the rows' maximum over all entries, as the bounds check does when masked entries
+    # are the ones below finfo.min / 2: the same values wherever a row has a valid entry.
+    masked = torch.where(valid, x, torch.finfo(x.dtype).min)
+    first, second = top2_values(masked, valid, masked.amax(-1, keepdim=True))
+    some = valid.any(-1)
+    assert torch.equal(first[some], expected[some, 0])
+    assert torch.equal(second[some], expected[some, 1])
 
 
 def test_use_float32_gemm_accumulation_turns_off_16_bit_reductions() -> None:

@@ -7,7 +7,8 @@ shared machine are not comparable across runs. For each variant
 
     original | instrumented, faults off, no checks | + bounds | + softmax | + abft | + all checks
 
-eagerly and through ``torch.compile`` (compiled variants compare against the compiled original),
+eagerly and through ``torch.compile`` (compiled variants compare against the compiled original;
+all, the original included, compile through ``fxsdc.pipeline.compile_module``, the same options),
 every variant runs twice untimed (its first call, which compiles, and its memory pass), then
 ``--warmup`` untimed rounds and ``--eager-repeats`` / ``--repeats`` timed rounds. A round runs
 every variant of a mode once, in an order rotated (and reversed every other round) from round to
@@ -95,7 +96,7 @@ import fxsdc.checks  # noqa: E402
 from fxsdc import models  # noqa: E402
 from fxsdc.bits import layout  # noqa: E402
 from fxsdc.faults import Fault  # noqa: E402
-from fxsdc.pipeline import compare_outputs  # noqa: E402
+from fxsdc.pipeline import compare_outputs, compile_module  # noqa: E402
 from passes.match_attention import LOCATIONS  # noqa: E402
 
 ALL_CHECKS = ("bounds", "softmax", "abft")
@@ -228,7 +229,7 @@ def instrument_all(model: torch.nn.Module, device: torch.device, batch: int,
 def make_variants(mode: str, original: fx.GraphModule, results: dict[str, Any], layers: int,
                   inputs: dict[str, torch.Tensor]) -> list[Variant]:
     ref = f"{mode}/original"
-    wrap = torch.compile if mode == "compiled" else (lambda m: m)
+    wrap = compile_module if mode == "compiled" else (lambda m: m)
     out = [Variant(ref, mode, "original", layers, wrap(original), original, ref, inputs)]
     for key, result in results.items():
         out.append(Variant(f"{mode}/{key}", mode, key, layers, wrap(result.gm), result.gm, ref,
@@ -320,7 +321,7 @@ def kernel_profiled_copy(variant: Variant) -> Callable[[], Any]:
     import torch._inductor.config as inductor_config
     gm = fx.GraphModule(variant.base, copy.deepcopy(variant.base.graph))
     with inductor_config.patch({"cpp.enable_kernel_profile": True}), torch.no_grad():
-        compiled = torch.compile(gm)
+        compiled = compile_module(gm)
         compiled(**variant.inputs)
 
     def run() -> Any:
@@ -671,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             cmodel.to(device)
             compiled = make_variants("compiled", coriginal, cresults, compile_layers, x)
             name = f"compiled/original@{layers}"
-            full = Variant(name, "compiled", "original", layers, torch.compile(original),
+            full = Variant(name, "compiled", "original", layers, compile_module(original),
                            original, name, x)
             compiled.append(full)
         else:

@@ -1,0 +1,70 @@
+"""The inductor pass that merges identical reductions: on a hand-built graph, and inside a real
+compile, where the softmax's row maximum and a check's become one."""
+from __future__ import annotations
+
+import torch
+import torch._inductor.config as inductor_config
+from torch import fx
+
+import passes.merge_reductions as merge_reductions
+from fxsdc.pipeline import compile_module
+from passes.merge_reductions import merge_duplicate_reductions
+
+aten = torch.ops.aten
+
+
+def _graph() -> tuple[fx.Graph, dict[str, fx.Node]]:
+    g = fx.Graph()
+    x = g.placeholder("x")
+    y = g.placeholder("y")
+    nodes = {
+        "max": g.call_function(aten.amax.default, (x, [-1], True)),
+        "max_again": g.call_function(aten.amax.default, (x, [-1], True)),
+        "max_no_keepdim": g.call_function(aten.amax.default, (x, [-1], False)),
+        "max_of_y": g.call_function(aten.amax.default, (y, [-1], True)),
+        "min": g.call_function(aten.amin.default, (x, [-1], True)),
+        "sum": g.call_function(aten.sum.dim_IntList, (x, [-1])),
+        "sum_again": g.call_function(aten.sum.dim_IntList, (x, [-1])),
+        "sum_dim0": g.call_function(aten.sum.dim_IntList, (x, [0])),
+        "exp": g.call_function(aten.exp.default, (x,)),
+        "exp_again": g.call_function(aten.exp.default, (x,)),
+    }
+    g.output(tuple(nodes.values()))
+    return g, nodes
+
+
+def test_merges_only_identical_reductions_and_keeps_values() -> None:
+    g, nodes = _graph()
+    before = fx.GraphModule(torch.nn.Module(), g)
+    x, y = torch.randn(3, 5), torch.randn(3, 5)
+    expected = before(x, y)
+    g2, nodes2 = _graph()
+    assert merge_duplicate_reductions(g2) == 2
+    g2.lint()
+    kept = {n.name for n in g2.nodes}
+    assert nodes2["max_again"].name not in kept and nodes2["sum_again"].name not in kept
+    # Different keepdim, input, op or dims stay apart; pointwise ops are inductor's to fuse.
+    for name in ("max", "max_no_keepdim", "max_of_y", "min", "sum", "sum_dim0", "exp",
+                 "exp_again"):
+        assert nodes2[name].name in kept
+    after = fx.GraphModule(torch.nn.Module(), g2)(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(expected, after))
+
+
+def test_compile_module_shares_the_softmax_maximum(monkeypatch) -> None:
+    merged: list[int] = []
+    original = merge_reductions.merge_duplicate_reductions
+    monkeypatch.setattr(merge_reductions, "merge_duplicate_reductions",
+                        lambda graph: merged.append(original(graph)))
+
+    def softmax_and_row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.softmax(x, -1), x.amax(-1, keepdim=True)
+
+    x = torch.randn(4, 7, 33)
+    with inductor_config.patch({"fx_graph_cache": False}), torch.no_grad():
+        merged_out = compile_module(softmax_and_row_max)(x)
+        assert merged == [1]
+        torch._dynamo.reset()  # compile afresh, without the pass (inductor's exp rounds as above)
+        plain_out = torch.compile(softmax_and_row_max)(x)
+    assert merged == [1]
+    assert all(torch.equal(a, b) for a, b in zip(merged_out, plain_out))
