@@ -630,12 +630,14 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     lhs = _sum_in_blocks(c_e)
     nonfinite = nan_or_posinf(_blocked(c_e.abs()).amax(-2).amax(-1))
     if k > m:  # A is the long side: A.(B.1) in e, in the pass over A that sums its magnitudes
-        rhs = _sum_in_blocks(a_e * b_e.sum(-1).unsqueeze(-2)) * s
+        b_sums, b_abs_sums = _row_sums(b_e)
+        rhs = _sum_in_blocks(a_e * b_sums.unsqueeze(-2)) * s
         rhs_rel = gamma(m + _BLOCK, u_e)
     else:  # B is the long side: B.1 and A.(B.1) in float64 (over the short k)
+        b_abs_sums = b_e.abs().sum(-1)
         rhs = (a.to(CHECK_DTYPE) * b.to(CHECK_DTYPE).sum(-1).unsqueeze(-2)).sum(-1) * s
         rhs_rel = 0.0
-    c_bound, q_bound, a_bound = _checksum_magnitudes(a_e, b_e, c_e)
+    c_bound, q_bound, a_bound = _checksum_magnitudes(a_e, c_e, b_abs_sums)
     rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK) + rhs_rel)
     rel_c = gamma(1 if scale is None else 2, u_out) + gamma(_BLOCK - 1, u_e) + gamma(m, U_CHECK)
     absolute = (m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out + tiny_e)
@@ -647,12 +649,25 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     return _finish((lhs - rhs).abs(), tol, nonfinite, checkable)
 
 
-def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+def _row_sums(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_j b_lj, sum_j |b_lj|) in b's dtype, from one reduction over both.
+
+    One pass over B instead of two, and the sums come out in B's row order: inductor lays a
+    reduction's output out in the memory order of what it reads, so |B|'s row sums alone, over
+    a permuted view (V's heads are a view of a projection's [batch, seq, heads * dim]), came out
+    [batch, seq, heads], and the blocked pass over A then read them with a stride, one element
+    at a time. The stacked input is laid out by the stack, in the view's logical order."""
+    sums = torch.stack((b, b.abs())).sum(-1)
+    return sums[0], sums[1]
+
+
+def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Upper bounds, float64, on S = sum_j |c_ij|, Q = sum_l |a_il| sum_j |b_lj| and (when
     k > m, for the float32 A.(B.1) of ``matmul_checksum_score``) A = sum_l |a_il|, else None.
-    They only scale the tolerance, so they are summed in the element dtype e (float32 unless an
-    input is float64; exact conversions), in the same passes and blocks as the checksums.
+    ``b_abs_sums``: sum_j |b_lj| as computed in the element dtype e (float32 unless an input is
+    float64; exact conversions) with any order of addition. They only scale the tolerance, so
+    they are summed in e, in the same passes and blocks as the checksums.
 
     A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
     it adds (any order): g = gamma_{_BLOCK}(u_e) for ``_sum_in_blocks`` of products added in
@@ -662,13 +677,14 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
     A term that is a flushed subnormal or an underflowed product loses under tiny_e. So
     S <= (S_hat + m tiny) / (1 - gamma_15). For Q, each B_l = sum_j |b_lj| is first raised to
     B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then Q <= (Q_hat + k tiny (1 + max B~)) /
-    ((1 - g)(1 - gamma_m)) (a flushed a_l loses under tiny B~_l); A <= (A_hat + k tiny) /
-    (1 - gamma_15).
+    ((1 - g)(1 - gamma_m)) (a flushed a_l loses under tiny B~_l). A <= k max_l |a_il|, exact
+    but for the float64 product, within the slack: A only scales the underflow term of the
+    tolerance, so a maximum, which rides in the pass over A, serves as well as a sum.
     """
-    dtype = element_dtype(a.dtype, b.dtype, c.dtype)
+    dtype = element_dtype(a.dtype, c.dtype)
     u = unit_roundoff(dtype)
     tiny = torch.finfo(dtype).tiny
-    k, m = a.shape[-1], b.shape[-1]
+    k, m = a.shape[-1], c.shape[-1]
     blocked = k > m
     g_m, g_c = gamma(m, u), gamma(_BLOCK - 1, u)
     g_q = gamma(_BLOCK, u) if blocked else gamma(k, u)
@@ -676,7 +692,7 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
         inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
         return inf, inf, inf if blocked else None
     a_abs = a.to(dtype).abs()
-    row_b = b.to(dtype).abs().sum(-1) + m * tiny
+    row_b = b_abs_sums.to(dtype) + m * tiny
     s_hat = _sum_in_blocks(c.to(dtype).abs())
     if blocked:
         q_hat = _sum_in_blocks(a_abs * row_b.unsqueeze(-2))
@@ -688,8 +704,8 @@ def _checksum_magnitudes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
     q_bound = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
     if not blocked:
         return c_bound, q_bound, None
-    a_hat = _sum_in_blocks(a_abs)
-    return c_bound, q_bound, (a_hat + k * tiny) * (grow / (1 - g_c))
+    a_max = _blocked(a_abs).amax(-2).amax(-1).to(CHECK_DTYPE)
+    return c_bound, q_bound, k * a_max * grow
 
 
 def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.Tensor,
