@@ -679,7 +679,8 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then Q <= (Q_hat + k tiny (1 + max B~)) /
     ((1 - g)(1 - gamma_m)) (a flushed a_l loses under tiny B~_l). A <= k max_l |a_il|, exact
     but for the float64 product, within the slack: A only scales the underflow term of the
-    tolerance, so a maximum, which rides in the pass over A, serves as well as a sum.
+    tolerance, so a maximum, which needs no pass of its own (see below), serves as well as a
+    sum.
     """
     dtype = element_dtype(a.dtype, c.dtype)
     u = unit_roundoff(dtype)
@@ -704,7 +705,10 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     q_bound = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
     if not blocked:
         return c_bound, q_bound, None
-    a_max = _blocked(a_abs).amax(-2).amax(-1).to(CHECK_DTYPE)
+    # max|a| from the row's extremes: the same reductions as the softmax check's on the same
+    # weights, which the compiled graph then computes once (passes.merge_reductions).
+    a_e = a.to(dtype)
+    a_max = torch.maximum(a_e.amax(-1), -a_e.amin(-1)).to(CHECK_DTYPE)
     return c_bound, q_bound, k * a_max * grow
 
 
