@@ -692,7 +692,8 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     if max(g_m, g_q) >= 1:  # no bound: an infinite tolerance never flags
         inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
         return inf, inf, inf if blocked else None
-    a_abs = a.to(dtype).abs()
+    a_e = a.to(dtype)
+    a_abs = a_e.abs()
     row_b = b_abs_sums.to(dtype) + m * tiny
     s_hat = _sum_in_blocks(c.to(dtype).abs())
     if blocked:
@@ -707,7 +708,6 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
         return c_bound, q_bound, None
     # max|a| from the row's extremes: the same reductions as the softmax check's on the same
     # weights, which the compiled graph then computes once (passes.merge_reductions).
-    a_e = a.to(dtype)
     a_max = torch.maximum(a_e.amax(-1), -a_e.amin(-1)).to(CHECK_DTYPE)
     return c_bound, q_bound, k * a_max * grow
 

@@ -34,7 +34,7 @@ def _graph() -> tuple[fx.Graph, dict[str, fx.Node]]:
 
 
 def test_merges_only_identical_reductions_and_keeps_values() -> None:
-    g, nodes = _graph()
+    g, _ = _graph()
     before = fx.GraphModule(torch.nn.Module(), g)
     x, y = torch.randn(3, 5), torch.randn(3, 5)
     expected = before(x, y)
