@@ -65,7 +65,8 @@ class Instrumented:
 
 def compile_module(module: nn.Module, **kwargs: Any) -> nn.Module:
     """``torch.compile(module, **kwargs)`` with fxsdc's inductor pass (``passes.merge_reductions``:
-    a check's row maximum shares the softmax's) added to any ``options``. Compile the original
+    a check's row maximum shares the softmax's) added to any ``options``; not with a ``mode``
+    (torch.compile takes a mode or options, not both) or another backend. Compile the original
     model through this too when comparing: the pass then sees both graphs."""
     if kwargs.get("backend", "inductor") == "inductor" and kwargs.get("mode") is None:
         kwargs["options"] = {**compile_options(), **(kwargs.get("options") or {})}
