@@ -1,12 +1,16 @@
-"""The inductor pass that merges identical reductions: on a hand-built graph, and inside a real
-compile, where the softmax's row maximum and a check's become one."""
+"""The inductor pass that merges identical reductions: on a hand-built graph, inside a real
+compile, where the softmax's row maximum and a check's become one, and in a checked GPT-2 layer's
+generated code."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._inductor.config as inductor_config
 from torch import fx
+from torch._inductor.utils import run_and_get_code
 
 import passes.merge_reductions as merge_reductions
+from fxsdc import instrument
 from fxsdc.pipeline import compile_module
 from passes.merge_reductions import merge_duplicate_reductions
 
@@ -68,3 +72,25 @@ def test_compile_module_shares_the_softmax_maximum(monkeypatch) -> None:
         plain_out = torch.compile(softmax_and_row_max)(x)
     assert merged == [1]
     assert all(torch.equal(a, b) for a, b in zip(merged_out, plain_out))
+
+
+@pytest.mark.slow
+def test_checked_gpt2_layer_reads_the_masked_logits_once_less() -> None:
+    """In a compiled GPT-2 layer with the bounds check, the pass takes a whole loop over the
+    masked logits away: the check's ties and second maximum no longer wait for a maximum of
+    their own, so they join its other row statistics. Counted in the generated C++ as loops
+    that load GPT-2's ``bool`` causal mask (each such load a vector built from 16 scalars)."""
+    result = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
+    batch, seq = 2, 64
+    ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    result.detector.reset(batch)
+    mask_loads = {}
+    for name, compile_fn in (("plain", torch.compile), ("merged", compile_module)):
+        torch._dynamo.reset()
+        with inductor_config.patch({"fx_graph_cache": False}), torch.no_grad():
+            _, code = run_and_get_code(compile_fn(result.gm), **inputs)
+        mask_loads[name] = "\n".join(code).count("VecMask<float,1>::from(")
+    assert mask_loads["plain"] > 0, "the probe must see the mask loads"
+    assert mask_loads["merged"] == mask_loads["plain"] - 1, mask_loads
