@@ -206,6 +206,25 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     return torch.ops.prims.inductor_force_stride_order(t, t.stride())
 
 
+def stored_as_float(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean ``mask`` read back from a stored float32 copy (the same values).
+
+    Inductor's C++ code expands a vector of bools element by element (``VecMask::from(bool*)``),
+    where a float vector is one load and one comparison: a pass over GPT-2's causal-masked
+    [4, 12, 256, 256] logits took 3.4 ms with the bool mask and 1.7 ms with a float copy of it
+    (compiled, one thread, Xeon). The copy is the mask's size, not the logits'."""
+    return _stored(mask.to(torch.float32)) != 0
+
+
+def recomputed_when_compiling(values: torch.Tensor, recompute: torch.nn.Module,
+                              *inputs: object) -> torch.Tensor:
+    """``values`` eagerly; under torch.compile ``recompute(*inputs)``, which gives the same values
+    from ops that are cheaper to re-run in each compiled loop that reads them (see
+    ``passes.insert_checks.insert_check_logits``). Eagerly ``values`` is already in memory, and
+    recomputing it would cost a pass and a tensor of its size."""
+    return recompute(*inputs) if torch.compiler.is_compiling() else values
+
+
 # ``fxsdc::take_elements(x, index)``: ``torch.take`` (the elements at flat row-major offsets of
 # x, whatever its strides) as an op inductor cannot see into. A compiled forward calls it from
 # Python once per injection site, so on a GPU, where a small model's kernels take microseconds,

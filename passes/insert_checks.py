@@ -196,6 +196,67 @@ def store_injected_sites(site: AttentionSite) -> None:
             node.kwargs = {**node.kwargs, "store": True}
 
 
+def _path_nodes(start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    """The nodes on data paths from ``start`` to ``end`` (``end`` included, ``start`` not), in
+    graph order."""
+    order = {n: i for i, n in enumerate(start.graph.nodes)}
+    reached, frontier = set(), [start]
+    while frontier:  # forward from start, not past end
+        for user in frontier.pop().users:
+            if user not in reached and order[user] <= order[end]:
+                reached.add(user)
+                frontier.append(user)
+    if end not in reached:
+        return []
+    path, frontier = {end}, [end]
+    while frontier:  # back from end, within what start reaches
+        for arg in frontier.pop().all_input_nodes:
+            if arg in reached and arg not in path:
+                path.add(arg)
+                frontier.append(arg)
+    return sorted(path, key=order.__getitem__)
+
+
+def _is_bool_tensor(node: object) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "dtype", None) == torch.bool
+
+
+def insert_check_logits(gm: fx.GraphModule, site: AttentionSite) -> fx.Node | None:
+    """Insert, before the softmax, a node giving the checks the site's logits recomputed under
+    torch.compile from the consumed scores with every boolean operand of the masking ops (a
+    causal mask, say) read from a float32 copy (``runtime.stored_as_float``); eagerly it is the
+    logits node's value. None when no masking op reads a boolean tensor.
+
+    A compiled check that loops over the logits does not read them from memory: inductor
+    recomputes them from the scores and the masks in each loop, the softmax's included, and its
+    C++ code expands a boolean mask element by element. The copy of the masking ops is a
+    submodule, ``fxsdc_check_logits_{layer}``, called by ``runtime.recomputed_when_compiling``.
+    """
+    scores = site.consumed("scores")
+    path = _path_nodes(scores, site.logits)
+    inputs = list(dict.fromkeys(a for n in path for a in n.all_input_nodes
+                                if a not in path and a is not scores))
+    if not any(_is_bool_tensor(a) for a in inputs):
+        return None
+    copy = fx.Graph()
+    env = {scores: copy.placeholder("scores")}
+    for i, node in enumerate(inputs):
+        env[node] = copy.placeholder(f"input_{i}")
+        if _is_bool_tensor(node):
+            env[node] = copy.call_function(runtime.stored_as_float, (env[node],))
+    for node in path:
+        env[node] = copy.node_copy(node, env.__getitem__)
+    copy.output(env[site.logits])
+    name = f"fxsdc_check_logits_{site.layer}"
+    gm.add_submodule(name, fx.GraphModule(nn.Module(), copy, class_name="CheckLogits"))
+    with gm.graph.inserting_before(site.softmax):
+        module = gm.graph.get_attr(name)
+        return gm.graph.call_function(runtime.recomputed_when_compiling,
+                                      (site.logits, module, scores, *inputs),
+                                      name=f"{name}_values")
+
+
 def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *,
                   checks: Sequence[str] = DEFAULT_CHECKS, layers: Sequence[int] | None = None
                   ) -> fx.GraphModule:
@@ -240,8 +301,9 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
         weights = site.consumed("weights")
         if "bounds" in checks:
             (table,) = insert_buffer_reads(gm, [W_TABLE])
+            copy = insert_check_logits(gm, site)
             add(site.layer, "bounds", "softmax", weights, check_math.softmax_bounds_score,
-                (site.logits, weights, table))
+                (site.logits, weights, table), {} if copy is None else {"recomputed_logits": copy})
         if "bounds-qo" in checks:
             (table,) = insert_buffer_reads(gm, [W_TABLE])
             out = site.consumed("out")

@@ -9,6 +9,7 @@ import torch._inductor.config as inductor_config
 from torch import fx
 from torch._inductor.utils import run_and_get_code
 
+import passes.insert_checks as insert_checks_module
 import passes.merge_reductions as merge_reductions
 from fxsdc import instrument
 from fxsdc.pipeline import compile_module
@@ -75,11 +76,14 @@ def test_compile_module_shares_the_softmax_maximum(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_checked_gpt2_layer_reads_the_masked_logits_once_less() -> None:
-    """In a compiled GPT-2 layer with the bounds check, the pass takes a whole loop over the
-    masked logits away: the check's ties and second maximum no longer wait for a maximum of
-    their own, so they join its other row statistics. Counted in the generated C++ as loops
-    that load GPT-2's ``bool`` causal mask (each such load a vector built from 16 scalars)."""
+def test_checked_gpt2_layer_reads_the_masked_logits_once_less(monkeypatch) -> None:
+    """Where the bounds check reads the logits themselves (models whose masks are not boolean;
+    here GPT-2 with the checks' float-mask copy of the logits turned off, which keeps its bool
+    mask as a probe), the pass takes a whole loop over the masked logits away: the check's ties
+    and second maximum no longer wait for a maximum of their own, so they join its other row
+    statistics. Counted in the generated C++ as loops that load GPT-2's ``bool`` causal mask
+    (each such load a vector built from 16 scalars)."""
+    monkeypatch.setattr(insert_checks_module, "insert_check_logits", lambda gm, site: None)
     result = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
     batch, seq = 2, 64
     ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),

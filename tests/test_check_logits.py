@@ -1,0 +1,92 @@
+"""The checks' copy of the logits (``passes.insert_checks.insert_check_logits``): the same values
+as the logits, boolean masks read from float32 copies, used only under torch.compile, and in a
+compiled GPT-2 layer no check loop over the logits expands a boolean mask."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch import fx
+from torch._inductor.utils import run_and_get_code
+
+import passes.insert_checks as insert_checks_module
+from fxsdc import instrument, runtime
+from fxsdc.pipeline import compile_module
+
+
+def _copy_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is runtime.recomputed_when_compiling]
+
+
+class _Values(fx.Interpreter):
+    """Runs the graph and keeps every node's value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        self.values[n] = super().run_node(n)
+        return self.values[n]
+
+
+@pytest.mark.parametrize("model", ["gpt2", "distilbert-base-uncased"])
+def test_the_copy_reads_float_masks_and_equals_the_logits(model: str) -> None:
+    result = instrument(model, tiny=True, checks=("bounds",), layers=[0])
+    (node,) = _copy_nodes(result.gm)
+    logits, module, *inputs = node.args
+    copy = getattr(result.gm, module.target)
+    # Every boolean input of the masking ops goes through a float32 copy before it is used.
+    placeholders = [n for n in copy.graph.nodes if n.op == "placeholder"]
+    converted = {n.args[0] for n in copy.graph.nodes if n.target is runtime.stored_as_float}
+    bool_inputs = {p for p, a in zip(placeholders, inputs)
+                   if getattr(a.meta.get("tensor_meta"), "dtype", None) == torch.bool}
+    assert bool_inputs and converted == bool_inputs
+    assert all(user.target is runtime.stored_as_float for p in bool_inputs for user in p.users)
+    interp = _Values(result.gm)
+    result.detector.reset(result.example["input_ids"].shape[0])
+    with torch.no_grad():
+        interp.run(*(result.example[n.target] for n in result.gm.graph.nodes
+                     if n.op == "placeholder"))
+    # Eagerly the node is the logits tensor itself; recomputed, the copy gives equal values.
+    assert interp.values[node] is interp.values[logits]
+    recomputed = copy(*(interp.values[a] for a in inputs))
+    assert torch.equal(recomputed, interp.values[logits])
+
+
+def test_no_copy_where_no_masking_op_reads_a_boolean() -> None:
+    # BERT masks with an additive float mask: nothing to convert, the checks read the logits.
+    result = instrument("bert-base-uncased", tiny=True, checks=("bounds",), layers=[0])
+    assert not _copy_nodes(result.gm)
+    assert not any(n.target is runtime.stored_as_float for n in result.gm.graph.nodes)
+
+
+def _bool_mask_loads_over_logits(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    """Loads of a bool mask vector (``VecMask<float,1>::from``, 16 scalars each) indexed by x3,
+    i.e. inside a four-deep loop over batch, heads, queries and keys: a pass over the logits.
+    (The float copy's conversion loops over the mask alone, two deep.)"""
+    torch._dynamo.reset()
+    with inductor_config.patch({"fx_graph_cache": False}), torch.no_grad():
+        _, code = run_and_get_code(compile_module(module), **inputs)
+    return len(re.findall(r"VecMask<float,1>::from\([^;]*\bx3\b", "\n".join(code)))
+
+
+@pytest.mark.slow
+def test_checks_add_no_pass_expanding_a_bool_mask(monkeypatch) -> None:
+    """GPT-2's softmax loads its bool causal mask in each of its passes over the logits; the
+    bounds check, which loops over them too, reads the float copy instead: without the copy, the
+    check's loop is one more such pass."""
+    result = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
+    batch, seq = 2, 64
+    ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    result.detector.reset(batch)
+    with_copy = _bool_mask_loads_over_logits(result.gm, inputs)
+    assert with_copy > 0, "the probe must see the softmax's mask loads"
+    monkeypatch.setattr(insert_checks_module, "insert_check_logits", lambda gm, site: None)
+    without = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
+    without.detector.reset(batch)
+    assert _bool_mask_loads_over_logits(without.gm, inputs) == with_copy + 1
