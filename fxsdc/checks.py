@@ -811,11 +811,17 @@ def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_f
                             in_dtype: torch.dtype, has_bias: bool, group_size: int,
                             scale: float | torch.Tensor | None = None,
                             out_dtype: torch.dtype | None = None, input_u: float | None = None,
-                            accum_u: float | None = None) -> torch.Tensor:
+                            accum_u: float | None = None,
+                            group_sum_error: tuple[float, float] | None = None,
+                            prediction_error: tuple[float | torch.Tensor, float] = (0.0, 0.0)
+                            ) -> torch.Tensor:
     """The comparison half of ``linear_checksum_score``: ``terms`` from
     ``linear_checksum_terms`` (shaped like ``y_groups`` after its leading 2), the layer input's
     width and dtype, whether the layer has a bias; the other arguments and the tolerance as in
-    ``linear_checksum_score``."""
+    ``linear_checksum_score``. ``group_sum_error``: (relative, per-element absolute) error of
+    ``y_groups`` as sums of the group's y (default: summed whole in y_groups' dtype,
+    (gamma_gs(u_yg), tiny_yg)); ``prediction_error``: (relative to Q, absolute) error of
+    ``terms[0]`` beyond its float64 evaluation (``row_checksum_terms``)."""
     k_in = in_features
     out_dtype = in_dtype if out_dtype is None else out_dtype
     d_input_u, d_accum_u = default_gemm_roundoff(out_dtype, in_dtype)
@@ -823,19 +829,96 @@ def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_f
                       d_accum_u if accum_u is None else accum_u)
     tiny_acc = torch.finfo(torch.float64 if out_dtype == torch.float64 else torch.float32).tiny
     u_out = unit_roundoff(out_dtype)
-    u_yg = unit_roundoff(y_groups.dtype)
+    sum_rel, sum_tiny = group_sum_error or (gamma(group_size, unit_roundoff(y_groups.dtype)),
+                                            torch.finfo(y_groups.dtype).tiny)
+    pred_rel, pred_abs = prediction_error
     s, s_abs = _scale_parts(scale, terms.device)
     r = 1 + int(has_bias) + (3 if scale is not None else 0)
     rho = g_acc + gamma(r, u_out) * (1 + g_acc)
-    rel = s_abs * (rho + gamma(group_size, u_yg) * (1 + rho) + gamma(k_in + group_size + 4, U_CHECK))
+    rel = s_abs * (rho + sum_rel * (1 + rho) + gamma(k_in + group_size + 4, U_CHECK) + pred_rel)
     absolute = group_size * (s_abs + 1) * (
-        (k_in + 1) * tiny_acc + r * _out_eta(out_dtype) + torch.finfo(y_groups.dtype).tiny) + _TINY_CHECK
+        (k_in + 1) * tiny_acc + r * _out_eta(out_dtype) + sum_tiny) + s_abs * pred_abs + _TINY_CHECK
 
     pred, q_abs = terms[0] * s, terms[1]
     yg = y_groups.to(CHECK_DTYPE)
     tol = (rel * q_abs + absolute) * _slack(k_in + group_size + 8)
     nonfinite = ~(torch.isfinite(yg) & torch.isfinite(pred))
     return _finish((yg - pred).abs(), tol, nonfinite)
+
+
+def blocked_sum_error(length: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(relative, per-term absolute) error of ``_sum_in_blocks`` over ``length`` terms in ``dtype``
+    (float64 partials: exact conversions): gamma_{_BLOCK - 1}(u) for the partial sums, then
+    gamma_nb(2^-53) for the float64 additions of the nb = ceil(length / _BLOCK) partials, and
+    ``tiny`` per term for partial sums flushed to zero."""
+    blocks = -(-length // _BLOCK)
+    return gamma(_BLOCK - 1, unit_roundoff(dtype)) + gamma(blocks, U_CHECK), torch.finfo(dtype).tiny
+
+
+def row_sum_weights(w_sum: torch.Tensor, w_abs_sum: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host-side: a layer's ``w_sum[K]`` and ``w_abs_sum[K]`` (float64, W's rows summed over
+    every output column, see ``linear_group_sums``) in ``element_dtype(dtype)`` for
+    ``row_checksum_terms``: ``w_e`` rounded to nearest, ``wa_e`` rounded up (so sums of |x| wa_e
+    bound sums of |x| w_abs_sum from above), and ``r = max_l |w_sum_l - w_e_l| / w_abs_sum_l``
+    (0 where both are 0; |w_sum_l| <= w_abs_sum_l), so that |x . (w_sum - w_e)| <= r Q with
+    Q = sum_l |x_l| w_abs_sum_l. r (a float64 0-dim tensor, kept as a buffer: it depends on the
+    weights) is about 2^-24 for float32; it is measured, not assumed, so sums near float32's
+    underflow are covered too."""
+    elem = element_dtype(dtype)
+    w_e = w_sum.to(elem)
+    wa_e = w_abs_sum.to(elem)
+    wa_e = torch.where(wa_e.to(torch.float64) < w_abs_sum,
+                       torch.nextafter(wa_e, torch.full_like(wa_e, math.inf)), wa_e)
+    diff = (w_sum - w_e.to(torch.float64)).abs()
+    ratio = torch.where(diff > 0, diff / w_abs_sum, torch.zeros_like(diff))
+    return w_e, wa_e, ratio.amax() if ratio.numel() else torch.zeros((), dtype=torch.float64)
+
+
+def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
+                       b_sum: torch.Tensor | None = None,
+                       b_abs_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear_checksum_terms`` for one group (all output columns: a full row checksum) from
+    products in the element dtype e summed in blocks (``_sum_in_blocks``), which inductor fuses
+    into the pass that produces x: no matrix-vector products and no float64 copy of x (measured
+    on GPT-2's output projection, [4, 256, 768] float32, compiled, the whole check: 1.66 ms with
+    the float64 GEMV and float64 row sums of y, 0.62 ms in blocks).
+
+    ``w_e[K]``, ``wa_e[K]`` from ``row_sum_weights``; ``b_sum``/``b_abs_sum``: float64 scalars
+    (shape [1]) or None. Returns ``[prediction, Q]`` as ``linear_checksum_terms`` does, shape
+    ``[2, *x.shape[:-1], 1]``. The prediction x . w_e + b errs by at most
+    (u_e + gamma_{_BLOCK - 1}(u_e) + gamma_{nb + 1}(2^-53)) (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e
+    (each product's rounding and underflow, the blocked sums, the float64 additions of the nb
+    partials and of b); ``prediction_error`` turns that into terms of Q (see
+    ``output_checksum_score``). Q: the computed sum of the non-negative products |x_l| wa_e_l is
+    at least (1 - u_e)(1 - gamma_{_BLOCK - 1}(u_e))(1 - gamma_{nb + 1}(2^-53)) times the exact
+    one, less 2 K tiny_e, and wa_e >= w_abs_sum, so Q <= (Q_hat + 2 K tiny_e) / that factor.
+    """
+    elem = element_dtype(x.dtype)
+    u, tiny = unit_roundoff(elem), torch.finfo(elem).tiny
+    k = x.shape[-1]
+    x_e = x.to(elem)
+    pred = _sum_in_blocks(x_e * w_e.to(elem))
+    q_hat = _sum_in_blocks(x_e.abs() * wa_e.to(elem))
+    if b_sum is not None:
+        pred = pred + b_sum.to(CHECK_DTYPE)
+        q_hat = q_hat + b_abs_sum.to(CHECK_DTYPE)
+    blocks = -(-k // _BLOCK)
+    low = (1 - u) * (1 - gamma(_BLOCK - 1, u)) * (1 - gamma(blocks + 1, U_CHECK))
+    q_bound = (q_hat + 2 * k * tiny) * ((1 + 2.0 ** -50) / low)  # 2^-50: these float64 steps
+    return torch.stack([pred, q_bound]).unsqueeze(-1)
+
+
+def row_checksum_error(in_features: int, in_dtype: torch.dtype, weight_rounding: torch.Tensor
+                       ) -> tuple[torch.Tensor, float]:
+    """``prediction_error`` for ``linear_checksum_verdict`` of terms from ``row_checksum_terms``:
+    with r = ``weight_rounding`` (``row_sum_weights``), sum_l |x_l w_e_l| + |b| <= (1 + r) Q, so
+    the prediction errs from x . w_sum + b by at most
+    ((u_e + gamma_{_BLOCK - 1}(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e."""
+    elem = element_dtype(in_dtype)
+    sums, tiny = blocked_sum_error(in_features, elem)
+    rel = (unit_roundoff(elem) + sums + gamma(1, U_CHECK)) * (1 + weight_rounding) + weight_rounding
+    return rel, 2 * in_features * tiny
 
 
 def linear_group_sums(weight: torch.Tensor, bias: torch.Tensor | None,

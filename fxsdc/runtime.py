@@ -385,14 +385,19 @@ def projection_checksum_score(terms: torch.Tensor, heads: torch.Tensor, *,
                                    out_dtype=heads.dtype)
 
 
-def output_checksum_score(terms: torch.Tensor, y: torch.Tensor, *, in_features: int,
-                          in_dtype: torch.dtype, has_bias: bool) -> torch.Tensor:
-    """ABFT of the attention output projection: each row's sum against x·(W·1) + Σ bias."""
-    from .checks import linear_checksum_verdict
-    return linear_checksum_verdict(terms, y.to(torch.float64).sum(-1, keepdim=True),
-                                   in_features=in_features, in_dtype=in_dtype,
-                                   has_bias=has_bias, group_size=y.shape[-1],
-                                   out_dtype=y.dtype)[..., 0]
+def output_checksum_score(terms: torch.Tensor, y: torch.Tensor, weight_rounding: torch.Tensor, *,
+                          in_features: int, in_dtype: torch.dtype, has_bias: bool) -> torch.Tensor:
+    """ABFT of the attention output projection: each row's sum against x·(W·1) + Σ bias, with
+    ``terms`` from ``checks.row_checksum_terms`` and y's rows summed the same way, in blocks of
+    the element dtype (``weight_rounding``: ``checks.row_sum_weights``'s r)."""
+    from .checks import (_sum_in_blocks, blocked_sum_error, element_dtype, linear_checksum_verdict,
+                         row_checksum_error)
+    elem = element_dtype(y.dtype)
+    return linear_checksum_verdict(
+        terms, _sum_in_blocks(y.to(elem)).unsqueeze(-1), in_features=in_features,
+        in_dtype=in_dtype, has_bias=has_bias, group_size=y.shape[-1], out_dtype=y.dtype,
+        group_sum_error=blocked_sum_error(y.shape[-1], elem),
+        prediction_error=row_checksum_error(in_features, in_dtype, weight_rounding))[..., 0]
 
 
 def qo_bounds_score(logits: torch.Tensor, weights: torch.Tensor, q: torch.Tensor,

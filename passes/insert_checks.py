@@ -167,17 +167,17 @@ def _require_k_equals_v(gm: fx.GraphModule, example: dict[str, torch.Tensor],
                              "(instrument with force_kv_equal=True, as the seed did)")
 
 
-def _insert_terms(gm: fx.GraphModule, x: fx.Node, prefix: str,
-                  sums: dict[str, torch.Tensor]) -> fx.Node:
-    """Register the float64 column sums as buffers ``{prefix}_{name}`` and insert, right after
+def _insert_terms(gm: fx.GraphModule, x: fx.Node, prefix: str, sums: dict[str, torch.Tensor],
+                  terms: Callable = check_math.linear_checksum_terms) -> fx.Node:
+    """Register the weights' column sums as buffers ``{prefix}_{name}`` and insert, right after
     ``x`` (or after the buffer reads, when ``x`` is a placeholder), the node computing
-    ``check_math.linear_checksum_terms`` of ``x`` with them."""
+    ``terms`` of ``x`` with them (``check_math.linear_checksum_terms`` by default)."""
     for name, value in sums.items():
         gm.register_buffer(f"{prefix}_{name}", value.contiguous())
     reads = insert_buffer_reads(gm, [f"{prefix}_{name}" for name in sums])
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     with gm.graph.inserting_after(max([x, *reads], key=order.__getitem__)):
-        return gm.graph.create_node("call_function", check_math.linear_checksum_terms,
+        return gm.graph.create_node("call_function", terms,
                                     (x, *reads), name=f"{prefix}_terms")
 
 
@@ -363,14 +363,20 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
             weight, bias, x = projection_params(gm, site.out_proj)
             w = weight.double()
             b = torch.zeros(1, dtype=torch.float64) if bias is None else bias.double()
-            terms = _insert_terms(gm, x, f"fxsdc_abft_out_{site.layer}",
-                                  {"w_sum": w.sum(-1, keepdim=True),
-                                   "w_abs_sum": w.abs().sum(-1, keepdim=True),
-                                   "b_sum": b.sum().reshape(1), "b_abs_sum": b.abs().sum().reshape(1)})
+            in_dtype = x.meta["tensor_meta"].dtype
+            # One group, all columns: row sums fused into the pass that produces x.
+            w_e, wa_e, rounding = check_math.row_sum_weights(w.sum(-1), w.abs().sum(-1), in_dtype)
+            prefix = f"fxsdc_abft_out_{site.layer}"
+            terms = _insert_terms(gm, x, prefix,
+                                  {"w_e": w_e, "wa_e": wa_e, "b_sum": b.sum().reshape(1),
+                                   "b_abs_sum": b.abs().sum().reshape(1)},
+                                  check_math.row_checksum_terms)
+            gm.register_buffer(f"{prefix}_rounding", rounding)
+            (rounding_read,) = insert_buffer_reads(gm, [f"{prefix}_rounding"])
             add(site.layer, "abft", "out_proj", site.out_proj, runtime.output_checksum_score,
-                (terms, site.out_proj), {"in_features": weight.shape[0],
-                                         "in_dtype": x.meta["tensor_meta"].dtype,
-                                         "has_bias": bias is not None})
+                (terms, site.out_proj, rounding_read),
+                {"in_features": weight.shape[0], "in_dtype": in_dtype,
+                 "has_bias": bias is not None})
 
     for name, value in state_buffers(len(infos), batch).items():
         gm.register_buffer(STATE_PREFIX + name, value)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fxsdc import checks
+from fxsdc import checks, runtime
 from fxsdc.bounds import lambertw_table
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -300,6 +300,51 @@ def test_linear_checksum_clean_never_flags(case: dict) -> None:
     assert score.max() <= 1, f"linear score {score.max().item()} on a clean layer ({case})"
 
 
+def row_checksum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 y: torch.Tensor) -> torch.Tensor:
+    """The output projection's check (``row_checksum_terms``) as the pass builds it."""
+    w = weight.double().T
+    w_e, wa_e, rounding = checks.row_sum_weights(w.sum(-1), w.abs().sum(-1), x.dtype)
+    b = torch.zeros(1, dtype=torch.float64) if bias is None else bias.double()
+    terms = checks.row_checksum_terms(x, w_e, wa_e, b.sum().reshape(1), b.abs().sum().reshape(1))
+    return runtime.output_checksum_score(terms, y, rounding, in_features=x.shape[-1],
+                                         in_dtype=x.dtype, has_bias=bias is not None)
+
+
+@SETTINGS
+@given(case=linear_cases)
+def test_row_checksum_clean_never_flags(case: dict) -> None:
+    gen = torch.Generator().manual_seed(case["seed"])
+    x, weight, bias, y = linear_case({**case, "scale": None}, gen)
+    score = row_checksum(x, weight, bias, y)
+    assert score.shape == y.shape[:-1]
+    assert score.max() <= 1, f"row checksum score {score.max().item()} on a clean layer ({case})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [1e-40, 1e-3, 1.0, 1e30])
+def test_row_checksum_terms_bound_their_errors(dtype: torch.dtype, scale: float) -> None:
+    """The blocked prediction is within ``row_checksum_error`` of x . w_sum + b and Q bounds
+    sum |x| w_abs_sum + |b| from above, at any magnitude (subnormal products and flushed partial
+    sums at 1e-40; weight sums near float32's underflow), against float64 references over
+    K = 768 terms (their own error, ~1e-13 relative, is far below the bounds' ~1e-6)."""
+    gen = torch.Generator().manual_seed(7)
+    k = 768
+    x = (torch.randn(3, 40, k, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    w_sum = torch.randn(k, generator=gen, dtype=torch.float64) * torch.logspace(-45, 2, k,
+                                                                                  dtype=torch.float64)
+    w_abs = w_sum.abs() * (1 + torch.rand(k, generator=gen, dtype=torch.float64))
+    b_sum, b_abs = torch.tensor([0.3], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    w_e, wa_e, rounding = checks.row_sum_weights(w_sum, w_abs, dtype)
+    assert (wa_e.double() >= w_abs).all()
+    pred, q_bound = checks.row_checksum_terms(x, w_e, wa_e, b_sum, b_abs)[..., 0]
+    x64 = x.double()
+    exact_q = x64.abs() @ w_abs + b_abs
+    rel, absolute = checks.row_checksum_error(k, dtype, rounding)
+    assert ((pred - (x64 @ w_sum + b_sum)).abs() <= rel * exact_q + absolute).all()
+    assert (q_bound >= exact_q).all()
+
+
 def test_autocast_products_never_flag() -> None:
     """fp32 operands, bf16 GEMM: the default accum_u covers the GEMM's rounding of its inputs."""
     gen = torch.Generator().manual_seed(5)
@@ -380,8 +425,16 @@ def linear_fault(gen: torch.Generator, bit: int, dtype: torch.dtype) -> bool:
     return bool(score[idx[0], idx[1], idx[2] // 16] > 1)
 
 
+def row_fault(gen: torch.Generator, bit: int, dtype: torch.dtype) -> bool:
+    case = {"dtype": dtype, "tokens": 8, "k": 64, "groups": 4, "group_size": 16, "bias": True,
+            "scale": None, "x_scale": 1.0}
+    x, weight, bias, y = linear_case(case, gen)
+    idx = tuple(int(torch.randint(0, s, (1,), generator=gen)) for s in y.shape)
+    return bool(row_checksum(x, weight, bias, flip_bit(y, idx, bit))[idx[:-1]] > 1)
+
+
 DETECTORS = {"softmax_sum": softmax_fault("sum"), "softmax_bounds": softmax_fault("bounds"),
-             "matmul": matmul_fault, "linear": linear_fault}
+             "matmul": matmul_fault, "linear": linear_fault, "row": row_fault}
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
