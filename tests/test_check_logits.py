@@ -90,3 +90,34 @@ def test_checks_add_no_pass_expanding_a_bool_mask(monkeypatch) -> None:
     without = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
     without.detector.reset(batch)
     assert _bool_mask_loads_over_logits(without.gm, inputs) == with_copy + 1
+
+
+@pytest.mark.slow
+def test_compiled_checks_read_the_copy_and_stay_silent_on_clean_padded_inputs() -> None:
+    """DistilBERT masks padding with a bool ``masked_fill``: compiled, its bounds check reads the
+    copy, checks as many rows as eagerly, flags none of them, and flags the row of a weight with
+    a bit-30 flip."""
+    from fxsdc.faults import Fault
+
+    result = instrument("distilbert-base-uncased", tiny=True, checks=("bounds",), layers=[0])
+    assert _copy_nodes(result.gm)
+    inputs = dict(result.example)
+    mask = torch.ones_like(inputs["attention_mask"])
+    mask[0, 7:] = 0  # padding in the first sample
+    inputs["attention_mask"] = mask
+    batch, seq = inputs["input_ids"].shape
+    torch._dynamo.reset()
+    compiled = compile_module(result.gm)
+    readings = {}
+    for name, module in (("eager", result.gm), ("compiled", compiled)):
+        result.detector.reset(batch)
+        with torch.no_grad():
+            module(**inputs)
+        readings[name] = [(r.rows, r.flagged) for r in result.detector.read()]
+    assert readings["compiled"] == readings["eager"]
+    assert all(rows > 0 and flagged == 0 for rows, flagged in readings["compiled"])
+    result.faults.set_faults([Fault(0, "weights", (1, 0, 3, 2), (30,))], batch, seq)
+    result.detector.reset(batch)
+    with torch.no_grad():
+        compiled(**inputs)
+    assert result.detector.read()[0].per_sample == (0, 1, 0)
