@@ -61,11 +61,11 @@ class AttentionSite:
                 "weights": self.softmax, "out": self.pv}[location]
 
     def consumed(self, location: str) -> fx.Node:
-        """The value downstream ops consume at ``location``: the injection node's output where
-        one was inserted, else the site's own node."""
+        """The value downstream ops consume at ``location``: the output of the node our passes
+        inserted there (an injection node, or a store for the checks), else the site's own node."""
         node = self.node(location)
         users = tensor_users(node)
-        if len(users) == 1 and is_op(users[0], "injection"):
+        if len(users) == 1 and is_op(users[0], "inserted"):
             return users[0]
         return node
 
@@ -87,9 +87,10 @@ def is_tensor(node: fx.Node) -> bool:
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """Inputs of ``node`` that its values flow from. An injection node's flow from its first
-    argument only: the rest are the fault table and the tensor its records are read from."""
-    inputs = node.args[:1] if is_op(node, "injection") else node.all_input_nodes
+    """Inputs of ``node`` that its values flow from. A node our passes inserted flows from its
+    first argument only (an injection node's others are the fault table and the tensor its
+    records are read from)."""
+    inputs = node.args[:1] if is_op(node, "inserted") else node.all_input_nodes
     return [i for i in inputs if isinstance(i, fx.Node) and is_tensor(i)
             and i.op not in ("placeholder", "get_attr")]
 
@@ -210,11 +211,11 @@ def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
                 scores = op
                 operand = next(a for a in op.args if a is not prev)
                 scale = (operand, op.target in (operator.truediv, torch.div, "div", "__truediv__"))
-        pv, passed = _forward_to(node, "matmul", ("cast", "dropout", "layout", "injection"),
+        pv, passed = _forward_to(node, "matmul", ("cast", "dropout", "layout", "inserted"),
                                  modules)
         if pv is None or (pv.args[0] is not node and pv.args[0] not in passed):
             raise AttentionNotFound(f"softmax {node.name} does not feed a weights·v product")
-        out_proj, _ = _forward_to(pv, "linear", ("permute", "layout", "injection"), modules)
+        out_proj, _ = _forward_to(pv, "linear", ("permute", "layout", "inserted"), modules)
         q_proj, q = _per_head(qk.args[0], modules)
         k_proj, k = _per_head(qk.args[1], modules)
         v_proj, v = _per_head(pv.args[1], modules)

@@ -179,3 +179,27 @@ def test_idle_injection_adds_no_attention_sized_buffer_to_a_checked_graph():
         buffers[name] = _attention_sized_buffers(_generated_code(result.gm, inputs, {}), scores)
     assert buffers["plain"], "the checked original allocates its scores; the probe must see them"
     assert len(buffers["injected"]) <= len(buffers["plain"]), buffers
+
+
+def test_a_detector_without_injection_nodes_stores_what_its_checks_read():
+    """Checks without injection nodes (``locations=[]``, what an operator leaves on) get a store
+    node at the scaled scores and at the weights (``insert_checks.store_checked_sites``):
+    eagerly they pass their input through; compiled, each ends its kernel with an in-place op on
+    no element, as an injection node's flip would, and the forward still equals the compiled
+    original's bitwise and flags no clean row."""
+    torch._dynamo.reset()
+    result = instrument("gpt2", tiny=True, locations=[], checks=("bounds", "softmax", "abft"))
+    layers = sorted({c.layer for c in result.checks})
+    stores = sorted(n.name for n in result.gm.graph.nodes if n.name.startswith("fxsdc_store_"))
+    assert layers and stores == sorted(f"fxsdc_store_{location}_{layer}" for layer in layers
+                                       for location in ("scores", "weights"))
+    batch = result.example["input_ids"].shape[0]
+    result.detector.reset(batch)
+    with torch.no_grad():
+        assert compare_outputs(result.original(**result.example), result.gm(**result.example))[0]
+        reference = torch.compile(result.original)(**result.example)
+        compiled, code = run_and_get_code(result.compile(), **result.example)
+    equal, diff = compare_outputs(reference, compiled)
+    assert equal, f"compiled detector differs from the compiled original by {diff}"
+    assert "\n".join(code).count("torch.ops.fxsdc.xor_elements_.default(") == len(stores)
+    assert result.detector.total_flagged() == 0
