@@ -887,9 +887,10 @@ def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
     ``w_e[K]``, ``wa_e[K]`` from ``row_sum_weights``; ``b_sum``/``b_abs_sum``: float64 scalars
     (shape [1]) or None. Returns ``[prediction, Q]`` as ``linear_checksum_terms`` does, shape
     ``[2, *x.shape[:-1], 1]``. The prediction x . w_e + b errs by at most
-    (u_e + gamma_{_BLOCK - 1}(u_e) + gamma_{nb + 1}(2^-53)) (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e
-    (each product's rounding and underflow, the blocked sums, the float64 additions of the nb
-    partials and of b); ``prediction_error`` turns that into terms of Q (see
+    (gamma_{_BLOCK}(u_e) + gamma_{nb + 1}(2^-53)) (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e (each
+    product's rounding with its partial sum's, (1 + u)(1 + gamma_15) <= 1 + gamma_16 by Higham's
+    Lemma 3.3; the float64 additions of the nb partials and of b; products and partial sums
+    flushed to zero); ``prediction_error`` turns that into terms of Q (see
     ``output_checksum_score``). Q: the computed sum of the non-negative products |x_l| wa_e_l is
     at least (1 - u_e)(1 - gamma_{_BLOCK - 1}(u_e))(1 - gamma_{nb + 1}(2^-53)) times the exact
     one, less 2 K tiny_e, and wa_e >= w_abs_sum, so Q <= (Q_hat + 2 K tiny_e) / that factor.
@@ -914,11 +915,12 @@ def row_checksum_error(in_features: int, in_dtype: torch.dtype, weight_rounding:
     """``prediction_error`` for ``linear_checksum_verdict`` of terms from ``row_checksum_terms``:
     with r = ``weight_rounding`` (``row_sum_weights``), sum_l |x_l w_e_l| + |b| <= (1 + r) Q, so
     the prediction errs from x . w_sum + b by at most
-    ((u_e + gamma_{_BLOCK - 1}(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e."""
+    ((gamma_{_BLOCK}(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e."""
     elem = element_dtype(in_dtype)
-    sums, tiny = blocked_sum_error(in_features, elem)
-    rel = (unit_roundoff(elem) + sums + gamma(1, U_CHECK)) * (1 + weight_rounding) + weight_rounding
-    return rel, 2 * in_features * tiny
+    blocks = -(-in_features // _BLOCK)
+    rounding = gamma(_BLOCK, unit_roundoff(elem)) + gamma(blocks + 1, U_CHECK)
+    tiny = torch.finfo(elem).tiny
+    return rounding * (1 + weight_rounding) + weight_rounding, 2 * in_features * tiny
 
 
 def linear_group_sums(weight: torch.Tensor, bias: torch.Tensor | None,
