@@ -15,21 +15,11 @@ import passes.insert_checks as insert_checks_module
 from fxsdc import instrument, runtime
 from fxsdc.pipeline import compile_module
 
+from .helpers import node_values, token_inputs
+
 
 def _copy_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.target is runtime.recomputed_when_compiling]
-
-
-class _Values(fx.Interpreter):
-    """Runs the graph and keeps every node's value."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, object] = {}
-
-    def run_node(self, n: fx.Node) -> object:
-        self.values[n] = super().run_node(n)
-        return self.values[n]
 
 
 @pytest.mark.parametrize("model", ["gpt2", "distilbert-base-uncased"])
@@ -45,15 +35,13 @@ def test_the_copy_reads_float_masks_and_equals_the_logits(model: str) -> None:
                    if getattr(a.meta.get("tensor_meta"), "dtype", None) == torch.bool}
     assert bool_inputs and converted == bool_inputs
     assert all(user.target is runtime.stored_as_float for p in bool_inputs for user in p.users)
-    interp = _Values(result.gm)
     result.detector.reset(result.example["input_ids"].shape[0])
-    with torch.no_grad():
-        interp.run(*(result.example[n.target] for n in result.gm.graph.nodes
-                     if n.op == "placeholder"))
-    # Eagerly the node is the logits tensor itself; recomputed, the copy gives equal values.
-    assert interp.values[node] is interp.values[logits]
-    recomputed = copy(*(interp.values[a] for a in inputs))
-    assert torch.equal(recomputed, interp.values[logits])
+    values = node_values(result.gm, result.example, {n.name for n in (node, logits, *inputs)})
+    # Eagerly the node passes the logits tensor itself on; recomputed, the copy gives equal values.
+    assert runtime.recomputed_when_compiling(values[logits.name], copy) is values[logits.name]
+    assert torch.equal(values[node.name], values[logits.name])
+    recomputed = copy(*(values[a.name] for a in inputs))
+    assert torch.equal(recomputed, values[logits.name])
 
 
 def test_no_copy_where_no_masking_op_reads_a_boolean() -> None:
@@ -80,9 +68,7 @@ def test_checks_add_no_pass_expanding_a_bool_mask(monkeypatch) -> None:
     check's loop is one more such pass."""
     result = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
     batch, seq = 2, 64
-    ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),
-                        generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    inputs = token_inputs(result.original.config.vocab_size, batch, seq)
     result.detector.reset(batch)
     with_copy = _bool_mask_loads_over_logits(result.gm, inputs)
     assert with_copy > 0, "the probe must see the softmax's mask loads"

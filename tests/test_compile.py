@@ -17,6 +17,8 @@ from fxsdc.bits import flip_value
 from fxsdc.faults import Fault
 from fxsdc.pipeline import compare_outputs, instrument
 
+from .helpers import token_inputs
+
 pytestmark = pytest.mark.slow
 
 
@@ -144,9 +146,7 @@ def test_idle_injection_adds_no_pass_and_no_attention_sized_buffer(config):
     result = instrument("gpt2", tiny=True)
     batch, seq = 2, 64  # T > head dim: (B, H, T, D) tensors are smaller than the scores
     heads = result.sites[0].shape_for(seq)[0]
-    ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),
-                        generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    inputs = token_inputs(result.original.config.vocab_size, batch, seq)
     scores = batch * heads * seq * seq
     original = _generated_code(result.original, inputs, config)
     instrumented = _generated_code(result.gm, inputs, config)
@@ -169,9 +169,7 @@ def test_idle_injection_adds_no_attention_sized_buffer_to_a_checked_graph():
     plain = instrument("gpt2", tiny=True, checks=checks, locations=[], layers=[0])
     batch, seq = 2, 64
     heads = injected.sites[0].shape_for(seq)[0]
-    ids = torch.randint(0, injected.original.config.vocab_size, (batch, seq),
-                        generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    inputs = token_inputs(injected.original.config.vocab_size, batch, seq)
     scores = batch * heads * seq * seq
     buffers = {}
     for name, result in (("injected", injected), ("plain", plain)):

@@ -15,6 +15,8 @@ from fxsdc import instrument
 from fxsdc.pipeline import compile_module
 from passes.merge_reductions import merge_duplicate_reductions
 
+from .helpers import token_inputs
+
 aten = torch.ops.aten
 
 
@@ -86,9 +88,7 @@ def test_checked_gpt2_layer_reads_the_masked_logits_once_less(monkeypatch) -> No
     monkeypatch.setattr(insert_checks_module, "insert_check_logits", lambda gm, site: None)
     result = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
     batch, seq = 2, 64
-    ids = torch.randint(0, result.original.config.vocab_size, (batch, seq),
-                        generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    inputs = token_inputs(result.original.config.vocab_size, batch, seq)
     result.detector.reset(batch)
     mask_loads = {}
     for name, compile_fn in (("plain", torch.compile), ("merged", compile_module)):
