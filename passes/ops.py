@@ -55,6 +55,3 @@ def is_op(node: fx.Node, op_class: str, modules: dict[str, nn.Module] | None = N
         return isinstance(modules.get(str(node.target)), module_types)
     return False
 
-
-def op_classes() -> tuple[str, ...]:
-    return tuple(_TABLE)
