@@ -557,6 +557,11 @@ def _blocked(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (_BLOCK, -1))
 
 
+def _block_count(length: int) -> int:
+    """nb = ceil(length / _BLOCK): how many partial sums ``_sum_in_blocks`` adds in float64."""
+    return -(-length // _BLOCK)
+
+
 def _sum_in_blocks(x: torch.Tensor) -> torch.Tensor:
     """Float64 sum over the last dim from partial sums of ``_BLOCK`` elements each in x's dtype
     (see ``_blocked``). Each partial sum errs by at most gamma_{_BLOCK - 1}(u_x) times the sum of
@@ -851,7 +856,7 @@ def blocked_sum_error(length: int, dtype: torch.dtype) -> tuple[float, float]:
     (float64 partials: exact conversions): gamma_{_BLOCK - 1}(u) for the partial sums, then
     gamma_nb(2^-53) for the float64 additions of the nb = ceil(length / _BLOCK) partials, and
     ``tiny`` per term for partial sums flushed to zero."""
-    blocks = -(-length // _BLOCK)
+    blocks = _block_count(length)
     return gamma(_BLOCK - 1, unit_roundoff(dtype)) + gamma(blocks, U_CHECK), torch.finfo(dtype).tiny
 
 
@@ -904,7 +909,7 @@ def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
     if b_sum is not None:
         pred = pred + b_sum.to(CHECK_DTYPE)
         q_hat = q_hat + b_abs_sum.to(CHECK_DTYPE)
-    blocks = -(-k // _BLOCK)
+    blocks = _block_count(k)
     low = (1 - u) * (1 - gamma(_BLOCK - 1, u)) * (1 - gamma(blocks + 1, U_CHECK))
     q_bound = (q_hat + 2 * k * tiny) * ((1 + 2.0 ** -50) / low)  # 2^-50: these float64 steps
     return torch.stack([pred, q_bound]).unsqueeze(-1)
@@ -917,7 +922,7 @@ def row_checksum_error(in_features: int, in_dtype: torch.dtype, weight_rounding:
     the prediction errs from x . w_sum + b by at most
     ((gamma_{_BLOCK}(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e."""
     elem = element_dtype(in_dtype)
-    blocks = -(-in_features // _BLOCK)
+    blocks = _block_count(in_features)
     rounding = gamma(_BLOCK, unit_roundoff(elem)) + gamma(blocks + 1, U_CHECK)
     tiny = torch.finfo(elem).tiny
     return rounding * (1 + weight_rounding) + weight_rounding, 2 * in_features * tiny

@@ -54,4 +54,3 @@ def is_op(node: fx.Node, op_class: str, modules: dict[str, nn.Module] | None = N
     if node.op == "call_module" and modules is not None and module_types:
         return isinstance(modules.get(str(node.target)), module_types)
     return False
-
