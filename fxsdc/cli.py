@@ -26,7 +26,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one line (and exit status 2)."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        # main() prefixes "fxsdc: "; a subcommand's parser names the subcommand.
+        command = self.prog.partition(" ")[2]
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def _csv(text: str) -> list[str]:

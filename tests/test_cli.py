@@ -33,7 +33,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
      "is not a comma-separated list of integers"),
     (["instrument", "gpt2", "--tiny", "--fault", "scores@5"], "no instrumented site at layer 5"),
     (["instrument", "gpt2", "--tiny", "--dtype", "int8"], "unknown dtype 'int8'"),
-    (["instrument"], "the following arguments are required: model"),
+    (["instrument"], "instrument: the following arguments are required: model"),
+    (["frobnicate"], "fxsdc: argument command: invalid choice: 'frobnicate'"),
     (["instrument", "gpt2", "--tiny", "--checks", "bounds,parity"], "unknown check 'parity'"),
     (["instrument", "gpt2", "--pretrained"], "no pretrained weights for gpt2"),
     (["instrument", "gpt2", "--tiny", "--checks", "comb"], "need K = V"),
@@ -42,6 +43,7 @@ def test_user_errors_are_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("fxsdc: ") and message in err
+    assert not err.startswith("fxsdc: fxsdc")  # the program's name once
     assert out == ""
 
 
