@@ -41,6 +41,7 @@ from collections.abc import Callable
 import torch
 
 from .bits import layout
+from .checks import sliced_when_eager
 
 
 def _flip(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -419,6 +420,7 @@ def output_checksum_score(terms: torch.Tensor, y: torch.Tensor, weight_rounding:
         prediction_error=row_checksum_error(in_features, in_dtype, weight_rounding))[..., 0]
 
 
+@sliced_when_eager
 def qo_bounds_score(logits: torch.Tensor, weights: torch.Tensor, q: torch.Tensor,
                     o: torch.Tensor, v: torch.Tensor, w_table: torch.Tensor,
                     scale: torch.Tensor | float | None, divide: bool) -> torch.Tensor:
