@@ -24,7 +24,7 @@ and over the long rows of A (float32 partial sums of 16 terms, added in float64;
   says, so the bound on the check's own error holds on any backend;
 - the extra work is O(row length) per row, memory-bound and fused by ``torch.compile``; data
   centre GPUs run float64 at half or full float32 rate. Eagerly the upcast copies are
-  materialised (8 bytes per element of the checked tensors).
+  materialised, one slice of the leading dims at a time (``EAGER_CHUNK_ELEMENTS``).
 
 **The softmax checks' per-element arithmetic is float32** (``element_dtype``; float64 for
 float64 inputs), their per-row arithmetic float64. They take ~30 vector operations per element
