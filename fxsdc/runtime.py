@@ -145,9 +145,15 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
             # makes a store, 16 scalar casts and a load per vector: measured on a 2-vCPU Xeon,
             # AVX-512, +12.6 ms on a (4, 12, 256, 256) float32 softmax of 4 ms, against +2 ms
             # for a select of values).
-            value_bits = flipped_hit.view(int_dtype).to(torch.int64) & 0xFFFFFFFF
+            # A narrower value travels as the float32 that holds it exactly: inductor's C++
+            # backend does not vectorise a 16-bit bit cast, and a scalar loop then also
+            # computes the softmax's exp with another function than the original's, so the
+            # output changed in its last bits (bfloat16 GPT-2, 4 x 256). A flipped value that
+            # is a NaN may reach the model with another NaN payload; the records keep its bits.
+            value_bits = flipped_hit.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
             values = _stored((target << 32) | value_bits)
-            flipped = _select(xs, values >> 32, lambda f: values[f].to(int_dtype).view(x.dtype))
+            flipped = _select(xs, values >> 32,
+                              lambda f: values[f].to(torch.int32).view(torch.float32).to(x.dtype))
         else:
             flipped = _select(xs, target, lambda f: _flip(xs, bits[f]))
         if store:

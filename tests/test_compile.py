@@ -13,6 +13,7 @@ import torch._inductor.config
 from torch._inductor.utils import run_and_get_code
 from torch._dynamo.utils import counters
 
+from fxsdc import runtime
 from fxsdc.bits import flip_value
 from fxsdc.faults import Fault
 from fxsdc.pipeline import compare_outputs, instrument
@@ -201,3 +202,51 @@ def test_a_detector_without_injection_nodes_stores_what_its_checks_read():
     assert equal, f"compiled detector differs from the compiled original by {diff}"
     assert "\n".join(code).count("torch.ops.fxsdc.xor_elements_.default(") == len(stores)
     assert result.detector.total_flagged() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_idle_scores_select_keeps_16bit_kernels_vectorised(dtype):
+    """With faults off, the scores' select must leave the 16-bit softmax kernel as vectorised
+    as the original's. Its flipped value was a 16-bit bit cast, which inductor's C++ backend
+    does not vectorise: the kernel became a scalar loop, slower, and calling a scalar ``exp``
+    instead of the original's vector one, so the logits changed in their last bits (GPT-2
+    small, bfloat16, 4 x 256; a one-layer, 64-wide GPT-2 at 2 x 512 with some inputs)."""
+    result = instrument("gpt2", tiny=True, dtype=dtype)
+    inputs = token_inputs(result.original.config.vocab_size, 2, 64)
+    original = _generated_code(result.original, inputs, {})
+    instrumented = _generated_code(result.gm, inputs, {})
+    assert "exp()" in original, "the probe must see the original's vector exp"
+    assert instrumented.count("std::exp(") <= original.count("std::exp(")
+    with torch.no_grad():
+        equal, diff = compare_outputs(torch.compile(result.original)(**inputs),
+                                      result.compile()(**inputs))
+    assert equal, f"compiled instrumented graph differs from compiled original by {diff}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_compiled_scores_select_puts_the_flipped_bits_in_place(dtype):
+    """The scaled scores, which compiled models never store, get the flipped value through a
+    select: exactly the bits the eager scatter gives, for a sign, an exponent and a mantissa
+    bit in each packed width."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 16, 8, generator=gen).to(dtype) for _ in range(2))
+
+    def scaled_scores(q, k, word, mask, before, after):
+        product = q @ k.transpose(-1, -2)
+        return runtime.inject_bitflips(product / 8, 0, 0, word, mask, before, after,
+                                       source=product, scale=8.0, divide=True)
+
+    compiled = torch.compile(scaled_scores, fullgraph=True)
+    width = torch.finfo(dtype).bits
+    int_dtype = {16: torch.int16, 32: torch.int32}[width]
+    clean = (q @ k.transpose(-1, -2)) / 8
+    for offset, bit in [(37, width - 1), (500, width - 3), (1000, 2)]:
+        tables = [torch.tensor([[runtime.select_word(offset, 1 << bit, True)]]),
+                  torch.zeros(1, dtype=torch.int64)] + \
+                 [torch.full((1,), math.nan, dtype=torch.float64) for _ in range(2)]
+        eager = scaled_scores(q, k, *tables)
+        with torch.no_grad():
+            flipped = compiled(q, k, *tables)
+        changed = (eager.view(int_dtype) ^ clean.view(int_dtype)).flatten()
+        assert changed.nonzero().flatten().tolist() == [offset]
+        assert torch.equal(flipped.view(int_dtype), eager.view(int_dtype)), (offset, bit)
