@@ -24,7 +24,7 @@ and over the long rows of A (float32 partial sums of 16 terms, added in float64;
   says, so the bound on the check's own error holds on any backend;
 - the extra work is O(row length) per row, memory-bound and fused by ``torch.compile``; data
   centre GPUs run float64 at half or full float32 rate. Eagerly the upcast copies are
-  materialised, one slice of the leading dims at a time (``EAGER_CHUNK_ELEMENTS``).
+  materialised, one slice of the leading dims at a time (``EAGER_SLICE_ELEMENTS``).
 
 **The softmax checks' per-element arithmetic is float32** (``element_dtype``; float64 for
 float64 inputs), their per-row arithmetic float64. They take ~30 vector operations per element
@@ -91,7 +91,7 @@ _T0 = 64.0
 # what the model frees before its LM head: 922 MiB, the injection nodes' own peak. The rows are
 # independent, so the slices give bitwise the same scores; compiled graphs are not sliced
 # (inductor fuses the steps into loops that keep no such temporaries).
-EAGER_CHUNK_ELEMENTS = 1 << 22
+EAGER_SLICE_ELEMENTS = 1 << 22
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -245,7 +245,7 @@ def _in_slices(fn: Callable[..., torch.Tensor], args: tuple, kwargs: dict, dim: 
 def sliced_when_eager(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Decorate a per-row check whose tensor arguments share leading (batch, head) dims and end
     in two dims of their own (rows and keys, or a GEMM operand's): run eagerly, it is evaluated
-    on slices of those leading dims of at most ``EAGER_CHUNK_ELEMENTS`` elements each, which
+    on slices of those leading dims of at most ``EAGER_SLICE_ELEMENTS`` elements each, which
     bounds its temporaries (see there); under ``torch.compile`` it runs whole."""
     @functools.wraps(fn)
     def sliced(*args, **kwargs):
@@ -257,7 +257,7 @@ def sliced_when_eager(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
             return fn(*args, **kwargs)
         ndim = max(len(s) for s in shapes)
         lead = torch.broadcast_shapes(*(s[:-2] for s in shapes))
-        return _in_slices(fn, args, kwargs, 0, tuple(lead), ndim, EAGER_CHUNK_ELEMENTS)
+        return _in_slices(fn, args, kwargs, 0, tuple(lead), ndim, EAGER_SLICE_ELEMENTS)
     return sliced
 
 

@@ -150,7 +150,8 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
             # computes the softmax's exp with another function than the original's, so the
             # output changed in its last bits (bfloat16 GPT-2, 4 x 256). A flipped value that
             # is a NaN may reach the model with another NaN payload; the records keep its bits.
-            value_bits = flipped_hit.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+            as_float32 = flipped_hit.to(torch.float32)
+            value_bits = as_float32.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
             values = _stored((target << 32) | value_bits)
             flipped = _select(xs, values >> 32,
                               lambda f: values[f].to(torch.int32).view(torch.float32).to(x.dtype))

@@ -58,9 +58,9 @@ def test_slices_give_the_same_scores(monkeypatch, dtype, heads_first, limit) -> 
     the whole call."""
     a = attention(dtype, heads_first)
     for fn, args, kwargs in check_calls(a):
-        monkeypatch.setattr(checks, "EAGER_CHUNK_ELEMENTS", 1 << 40)
+        monkeypatch.setattr(checks, "EAGER_SLICE_ELEMENTS", 1 << 40)
         whole = fn(*args, **kwargs)
-        monkeypatch.setattr(checks, "EAGER_CHUNK_ELEMENTS", limit)
+        monkeypatch.setattr(checks, "EAGER_SLICE_ELEMENTS", limit)
         sliced = fn(*args, **kwargs)
         assert sliced.shape == whole.shape, fn.__name__
         assert torch.equal(sliced, whole), fn.__name__
@@ -89,7 +89,7 @@ def test_no_temporary_outgrows_a_slice(monkeypatch) -> None:
     than that; whole, the same checks make attention-sized ones (what the slices avoid)."""
     a = attention(torch.bfloat16)
     for limit, expect_at_most in ((1 << 40, None), (T * T, T * T)):
-        monkeypatch.setattr(checks, "EAGER_CHUNK_ELEMENTS", limit)
+        monkeypatch.setattr(checks, "EAGER_SLICE_ELEMENTS", limit)
         for fn, args, kwargs in check_calls(a):
             with LargestOutput() as seen:
                 fn(*args, **kwargs)
@@ -103,7 +103,7 @@ def test_compiled_checks_run_whole(monkeypatch) -> None:
     """Under torch.compile the slicing is skipped: one graph without slices or concatenation,
     and the scores of the eager slices."""
     a = attention(torch.float32)
-    monkeypatch.setattr(checks, "EAGER_CHUNK_ELEMENTS", T * T)
+    monkeypatch.setattr(checks, "EAGER_SLICE_ELEMENTS", T * T)
     eager = checks.softmax_sum_score(a["weights"], a["logits"])
     graphs: list[torch.fx.GraphModule] = []
 
