@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fxsdc.checks import EAGER_SLICE_ELEMENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {f"eager/{key}" for key in ("original", "none", "bounds", "softmax", "abft", "all",
                                          "all-noinject")}
@@ -73,3 +75,11 @@ def test_targets_and_meta_are_reported(report):
     assert all(t["met"] is None for t in compiled)  # --no-compile: no verdict, not a fake one
     meta = report["meta"]
     assert meta["quick"] and meta["machine"] and meta["wall_s"] > 0 and meta["memory_method"]
+    assert meta["eager_slice_elements"] == EAGER_SLICE_ELEMENTS  # the default, recorded
+
+
+def test_slice_size_option_is_checked():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--quick",
+                           "--eager-slice-elements", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "--eager-slice-elements must be at least 1" in proc.stderr

@@ -603,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's, i.e. the cores; 1 with "
                          "--quick, whose tiny ops suffer most from oversubscribed cores)")
+    ap.add_argument("--eager-slice-elements", type=int, default=None,
+                    help="size of the slices the eager checks run on (fxsdc.checks."
+                         "EAGER_SLICE_ELEMENTS, default %d); a huge value runs them whole"
+                         % fxsdc.checks.EAGER_SLICE_ELEMENTS)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true",
                     help="tiny 2-layer GPT-2, batch 2, seq 32, sweep seq 16, 3 rounds: seconds")
@@ -620,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep_seq = args.sweep_seq or (16 if args.quick else 256 if cuda else 64)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
+    if args.eager_slice_elements is not None:
+        if args.eager_slice_elements < 1:
+            raise SystemExit("--eager-slice-elements must be at least 1")
+        fxsdc.checks.EAGER_SLICE_ELEMENTS = args.eager_slice_elements
     if cuda:
         fxsdc.checks.use_float32_gemm_accumulation()  # what the ABFT tolerances assume
     torch.manual_seed(0)
@@ -632,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "python": platform.python_version(),
         "dtype": args.dtype, "batch": batch, "seq": seq, "repeats": repeats,
         "eager_repeats": eager_repeats, "warmup_rounds": args.warmup, "quick": args.quick,
+        "eager_slice_elements": fxsdc.checks.EAGER_SLICE_ELEMENTS,
         "cuda_reduced_precision_reduction": (
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction if cuda else None),
         "load_average_start": load_start,

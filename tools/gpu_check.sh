@@ -4,7 +4,8 @@
 #
 #   tools/gpu_check.sh --fetch     # here, once: the wheels the device image lacks, into .whl/
 #   device run, carry [".whl"], timeout_s 600:
-#     bash tools/gpu_check.sh      # writes $OUT/tests.log, $OUT/bench-gpu.json, $OUT/bench.log
+#     bash tools/gpu_check.sh      # writes $OUT/tests.log, $OUT/bench-gpu.json, $OUT/bench.log,
+#                                  # $OUT/bench-gpu-eager-whole.json
 #
 # The device image has torch with CUDA but transformers 5.x, whose fx tracer is gone: the
 # carried wheels pin transformers 4.47.1 (pyproject.toml says why) and its tokenizer/hub
@@ -32,6 +33,13 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_no_host_sync.py 2
     | tee "$OUT/tests.log" || true
 
 # Session 2's runs: eager variants and the sweep ~80 s, compiled none+all at 6 layers ~120 s.
-timeout 420 python3 tools/bench.py --device cuda --dtype bfloat16 --batch 8 --seq 1024 \
+timeout 400 python3 tools/bench.py --device cuda --dtype bfloat16 --batch 8 --seq 1024 \
     --only none,all,all-noinject --compile-layers 6 --sweep-layers 12 \
     --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench.log"
+
+# The eager checks run on slices of 4 M elements (fxsdc.checks.EAGER_SLICE_ELEMENTS), which on
+# the CPU cut the eager peak at this shape from +185 % to +2 %; here the same eager variants with
+# the checks run whole, for the time and memory the slices cost or save on a GPU.
+timeout 100 python3 tools/bench.py --device cuda --dtype bfloat16 --batch 8 --seq 1024 \
+    --no-compile --only none,all --no-sweep --eager-slice-elements 1099511627776 \
+    --json "$OUT/bench-gpu-eager-whole.json" 2>&1 | tee -a "$OUT/bench.log"
