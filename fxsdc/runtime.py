@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from .bits import layout
-from .checks import sliced_when_eager
+from .checks import in_eager_layout, sliced_when_eager
 
 
 def _flip(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -210,8 +210,7 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     tensor of one element, which it returns as it is; those go through an opaque copy."""
     if t.numel() <= 1:
         return torch.ops.fxsdc.copy(t)
-    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
-    return torch.ops.prims.inductor_force_stride_order(t, t.stride())
+    return in_eager_layout(t)
 
 
 def stored_when_compiling(x: torch.Tensor) -> torch.Tensor:
