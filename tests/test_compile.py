@@ -14,7 +14,7 @@ from torch._inductor.utils import run_and_get_code
 from torch._dynamo.utils import counters
 
 from fxsdc import runtime
-from fxsdc.bits import flip_value
+from fxsdc.bits import flip_value, layout
 from fxsdc.faults import Fault
 from fxsdc.pipeline import compare_outputs, instrument
 
@@ -238,7 +238,7 @@ def test_compiled_scores_select_puts_the_flipped_bits_in_place(dtype):
 
     compiled = torch.compile(scaled_scores, fullgraph=True)
     width = torch.finfo(dtype).bits
-    int_dtype = {16: torch.int16, 32: torch.int32}[width]
+    int_dtype = layout(dtype).int_dtype
     clean = (q @ k.transpose(-1, -2)) / 8
     for offset, bit in [(37, width - 1), (500, width - 3), (1000, 2)]:
         tables = [torch.tensor([[runtime.select_word(offset, 1 << bit, True)]]),
