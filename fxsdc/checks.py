@@ -670,16 +670,22 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     b.dtype)``: exact operands - or autocast's rounding when a or b is finer than c - and fp32
     accumulation for 16/32-bit, x2 for truncating accumulators).
 
-    **Where the check's arithmetic runs.** The per-element sums over C's rows and, when A's rows
-    are the longer ones (k > m: weights . V, where A is attention-sized), over A's rows run in
-    the element dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial
-    sums of ``_BLOCK`` terms each, which are added in float64 (``_sum_in_blocks``). Converting
-    every element to float64 instead costs more than the rest of the check on CPUs (inductor's
-    C++ backend converts float32 to float64 through memory, element by element), while a
-    partial sum of 16 terms errs by at most gamma_15(u_e), about 1e-6 relative - an eighth of a
-    float32 GEMM's own bound at k = 64 and under a thirtieth at k = 256. The shorter side's
-    B.1 and A.(B.1) (k <= m: q . k^T, where B is attention-sized) stay in float64, as do the
-    per-row terms.
+    **Where the check's arithmetic runs.** The per-element sums over C's rows run in the element
+    dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial sums of
+    ``_BLOCK`` terms each, which are added in float64 (``_sum_in_blocks``). Converting every
+    element to float64 instead costs more than the rest of the check on CPUs (inductor's C++
+    backend converts float32 to float64 through memory, element by element), while a partial
+    sum of 16 terms errs by at most gamma_15(u_e), about 1e-6 relative - an eighth of a float32
+    GEMM's own bound at k = 64. When A's rows are the longer ones (k > m: weights . V, where A
+    is attention-sized), A.(B.1) is summed in e over each whole row, in the one loop over A
+    that also takes the row's extremes (shared with the softmax check, ``passes.merge_reductions``)
+    and the magnitudes: partial sums of A's rows would be written out and read back, which on
+    one GPT-2 small layer (CPU, 4 x 256) made a second pass over the weights, 1.5 ms of a 4.5 ms
+    kernel. Its rounding, gamma_k(u_e) relative to P = sum_l |a_l (B.1)_l|, is charged on P,
+    summed in the same loop: with B's rows summed with cancellation, P is typically a fraction
+    of Q (below), so the tolerance grows by far less than gamma_k(u_e) Q (at most by that, about
+    half a float32 GEMM's own bound). The shorter side's B.1 and A.(B.1) (k <= m: q . k^T, where
+    B is attention-sized) stay in float64, as do the per-row terms.
 
     Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|,
     A_i = sum_l |a_il|, rel_k = d_in + gamma_k(accum_u) (1 + d_in), d_in = (1 + input_u)^2 - 1:
@@ -697,8 +703,12 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                s * A.(B.1) in float64: B.1 costs gamma_m, the dot gamma_k, the scale and its
                reciprocal 2, together <= gamma_{m+k+2}(u_c) |s| Q_i (Lemma 3.3); in e (k > m):
                B.1 summed in e (gamma_{m-1}(u_e) per row of B, + m tiny_e per row for flushed
-               elements), the products (u_e, + tiny_e each for underflow) and their partial sums
-               (gamma_15(u_e)): gamma_{m+16}(u_e) |s| Q_i + |s| (m A_i + k) tiny_e (1 + u_e)^2;
+               elements), then the products (u_e each) and their sum over the row (k - 1
+               additions, any order), each of these flushing by < tiny_e: gamma_m(u_e) |s| Q_i
+               + gamma_k(u_e) |s| P_i + |s| (m A_i + 2k) tiny_e (1 + u_e)^2, where
+               P_i >= sum_l |a_il (B.1)_l| comes from the computed sum of the products'
+               magnitudes, P_i = (P_hat + 2k tiny_e) / (1 - gamma_k(u_e)) (raised by the
+               float64 steps' gamma_{k+4}(u_c));
       tol_i  = (sum over j of the above + tiny) * slack.
     The check reads the stored operands, so beyond the GEMM's own operand rounding they carry
     no error. A row of C holding a NaN or an infinity scores +inf; a finite row whose float32
@@ -720,10 +730,18 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     a_e, b_e, c_e = a.to(elem), b.to(elem), c.to(elem)
     lhs = _sum_in_blocks(c_e)
     nonfinite = nan_or_posinf(_blocked(c_e.abs()).amax(-2).amax(-1))
-    if k > m:  # A is the long side: A.(B.1) in e, in the pass over A that sums its magnitudes
+    rhs_error = 0.0
+    if k > m:  # A is the long side: A.(B.1) in e, in the pass over A that reads it anyway
         b_sums, b_abs_sums = _row_sums(b_e)
-        rhs = _sum_in_blocks(a_e * b_sums.unsqueeze(-2)) * s
-        rhs_rel = gamma(m + _BLOCK, u_e)
+        products = a_e * b_sums.unsqueeze(-2)
+        rhs = products.sum(-1).to(CHECK_DTYPE) * s
+        rhs_rel = gamma(m, u_e)
+        # P >= sum_l |a_l (B.1)_l| from the computed sum of the products' magnitudes (k
+        # non-negative terms; products and partial sums flushed by at most tiny_e each).
+        grow = 1 / (1 - gamma(k + 4, U_CHECK))
+        p_bound = ((products.abs().sum(-1).to(CHECK_DTYPE) + 2 * k * tiny_e)
+                   * (grow / (1 - gamma(k, u_e))))
+        rhs_error = s_abs * gamma(k, u_e) * p_bound
     else:  # B is the long side: B.1 and A.(B.1) in float64 (over the short k)
         b_abs_sums = b_e.abs().sum(-1)
         rhs = (a.to(CHECK_DTYPE) * b.to(CHECK_DTYPE).sum(-1).unsqueeze(-2)).sum(-1) * s
@@ -734,8 +752,8 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     absolute = (m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out + tiny_e)
                 + _TINY_CHECK)
     if a_bound is not None:
-        absolute = absolute + s_abs * (m * a_bound + k) * tiny_e * (1 + u_e) ** 2
-    tol = (rel_q * q_bound + rel_c * c_bound + absolute) * _slack(m + k + 8)
+        absolute = absolute + s_abs * (m * a_bound + 2 * k) * tiny_e * (1 + u_e) ** 2
+    tol = (rel_q * q_bound + rhs_error + rel_c * c_bound + absolute) * _slack(m + k + 8)
     checkable = torch.isfinite(lhs) & torch.isfinite(rhs)
     return _finish((lhs - rhs).abs(), tol, nonfinite, checkable)
 
@@ -745,8 +763,8 @@ def _row_sums(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Inductor lays a reduction's output out in the memory order of what it reads: over a
     permuted view (V's heads are a view of a projection's [batch, seq, heads * dim]) the row
-    sums came out [batch, seq, heads], and the blocked pass over A then read them with a
-    stride, one element at a time. Kept in their eager layout (``in_eager_layout``), they are
+    sums came out [batch, seq, heads], and the pass over A then read them with a stride, one
+    element at a time. Kept in their eager layout (``in_eager_layout``), they are
     written with that stride instead, 1/m as many elements, and both reductions share one loop
     over B (measured: 1.3 ms less per GPT-2 layer, 4 x 256 float32, than summing a stacked copy
     of B and |B|, which inductor lays out in the view's logical order)."""
@@ -759,17 +777,18 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     k > m, for the float32 A.(B.1) of ``matmul_checksum_score``) A = sum_l |a_il|, else None.
     ``b_abs_sums``: sum_j |b_lj| as computed in the element dtype e (float32 unless an input is
     float64; exact conversions) with any order of addition. They only scale the tolerance, so
-    they are summed in e, in the same passes and blocks as the checksums.
+    they are summed in e, in the same loops as the checksums.
 
     A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
-    it adds (any order): g = gamma_{_BLOCK}(u_e) for ``_sum_in_blocks`` of products added in
-    float64 (gamma_{_BLOCK - 1} for plain terms; the float64 additions of at most max(k, m)
-    partial sums and the corrections below, by gamma_{max(k, m) + 4}(2^-53)), gamma_k(u_e) for
-    A's row summed whole in e.
-    A term that is a flushed subnormal or an underflowed product loses under tiny_e. So
-    S <= (S_hat + m tiny) / (1 - gamma_15). For Q, each B_l = sum_j |b_lj| is first raised to
-    B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then Q <= (Q_hat + k tiny (1 + max B~)) /
-    ((1 - g)(1 - gamma_m)) (a flushed a_l loses under tiny B~_l). A <= k max_l |a_il|, exact
+    it adds (any order): g = gamma_{_BLOCK - 1}(u_e) for C's rows (``_sum_in_blocks``; the
+    float64 additions of at most max(k, m) partial sums and the corrections below, by
+    gamma_{max(k, m) + 4}(2^-53)), g = gamma_k(u_e) for the products of A's rows summed whole
+    in e (k - 1 additions and the products' rounding).
+    A term that is a flushed subnormal, an underflowed product or a flushed partial sum loses
+    under tiny_e. So S <= (S_hat + m tiny) / (1 - gamma_15). For Q, each B_l = sum_j |b_lj| is
+    first raised to B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then
+    Q <= (Q_hat + k tiny (2 + max B~)) / ((1 - g)(1 - gamma_m)) (a flushed a_l loses under
+    tiny B~_l, a product or a partial sum under tiny). A <= k max_l |a_il|, exact
     but for the float64 product, within the slack: A only scales the underflow term of the
     tolerance, so a maximum, which needs no pass of its own (see below), serves as well as a
     sum.
@@ -778,25 +797,20 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     u = unit_roundoff(dtype)
     tiny = torch.finfo(dtype).tiny
     k, m = a.shape[-1], c.shape[-1]
-    blocked = k > m
-    g_m, g_c = gamma(m, u), gamma(_BLOCK - 1, u)
-    g_q = gamma(_BLOCK, u) if blocked else gamma(k, u)
+    long_a = k > m
+    g_m, g_c, g_q = gamma(m, u), gamma(_BLOCK - 1, u), gamma(k, u)
     if max(g_m, g_q) >= 1:  # no bound: an infinite tolerance never flags
         inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
-        return inf, inf, inf if blocked else None
+        return inf, inf, inf if long_a else None
     a_e = a.to(dtype)
-    a_abs = a_e.abs()
     row_b = b_abs_sums.to(dtype) + m * tiny
     s_hat = _sum_in_blocks(c.to(dtype).abs())
-    if blocked:
-        q_hat = _sum_in_blocks(a_abs * row_b.unsqueeze(-2))
-    else:
-        q_hat = (a_abs * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
+    q_hat = (a_e.abs() * row_b.unsqueeze(-2)).sum(-1).to(CHECK_DTYPE)
     grow = 1 / (1 - gamma(max(k, m) + 4, U_CHECK))  # the float64 additions and products
     c_bound = (s_hat + m * tiny) * (grow / (1 - g_c))
     b_max = row_b.amax(-1, keepdim=True).to(CHECK_DTYPE)  # broadcasts over the rows of A
-    q_bound = (q_hat + k * tiny * (1 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
-    if not blocked:
+    q_bound = (q_hat + k * tiny * (2 + b_max)) * (grow / ((1 - g_q) * (1 - g_m)))
+    if not long_a:
         return c_bound, q_bound, None
     # max|a| from the row's extremes: the same reductions as the softmax check's on the same
     # weights, which the compiled graph then computes once (passes.merge_reductions).

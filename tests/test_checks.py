@@ -163,7 +163,7 @@ def test_upper_matmul_bounds_the_exact_product(dtype: torch.dtype, scale: float)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1e-40, 1.0, 1e30])
-@pytest.mark.parametrize("m", [256, 16])  # k = 64 <= m: A's sums whole; k > m: in blocks
+@pytest.mark.parametrize("m", [256, 16])  # k = 64 <= m, and k > m (A.(B.1) in float32)
 def test_checksum_magnitudes_bound_the_exact_sums(dtype: torch.dtype, scale: float, m: int) -> None:
     """The magnitudes that scale the matmul checksum's tolerance, summed in float32, are never
     below the exact sum_j |c_ij|, sum_l |a_il| sum_j |b_lj| and sum_l |a_il| (float64
