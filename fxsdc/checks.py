@@ -849,7 +849,9 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
                    rho = rel_{K+1} + gamma_r(u_out) (1 + rel_{K+1})   (rel_k as in the matmul
                    check; K+1 for the bias added in the accumulator);
       group sum by the caller in y_groups' dtype: gamma_gs(u_yg) (1 + rho) |s| Q_g;
-      prediction s (x . w_sum + b_sum) in float64 (w_sum exact to u_c): gamma_{K+gs+4}(u_c) |s| Q_g;
+      prediction s (x . w_sum + b_sum) in float64 (w_sum exact to u_c): gamma_{K+gs+4}(u_c) |s| Q_g,
+               plus |s| E for a float32 x, whose dot products run in float32 chunks
+               (``linear_checksum_terms``);
       underflow: gs (1 + |s|) ((K+1) tiny_acc + r eta_out + tiny_yg);
       tol = (|s| (rho + gamma_gs(u_yg)(1 + rho) + gamma_{K+gs+4}(u_c)) Q_g + underflow) * slack.
     """
@@ -863,21 +865,73 @@ def linear_checksum_score(x: torch.Tensor, y_groups: torch.Tensor, w_sum: torch.
 def linear_checksum_terms(x: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Tensor,
                           b_sum: torch.Tensor | None = None,
                           b_abs_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMM half of ``linear_checksum_score``: ``[x . w_sum + b_sum, Q]`` stacked on a new
-    leading dim, float64, shape ``[2, *x.shape[:-1], G]`` (the prediction before the scale, and
-    an upper bound Q >= |x| . w_abs_sum + b_abs_sum). Checks that read the same x (a layer's q,
-    k and v projections) share one call with their group sums concatenated along G. The
-    prediction is a float64 GEMM; Q only scales the tolerance, so it comes from a GEMM in the
-    element dtype (``upper_matmul``), which on CPUs runs at twice the rate and needs no float64
-    copy of x (measured with the float32 per-head sums of ``runtime.projection_checksum_score``:
-    the ABFT cost of one GPT-2 layer, CPU float32 4 x 256, 26 -> 17 ms in paired runs)."""
+    """The GEMM half of ``linear_checksum_score``: ``[x . w_sum + b_sum, Q, E]`` stacked on a
+    new leading dim, float64, shape ``[3, *x.shape[:-1], G]``: the prediction before the scale,
+    an upper bound Q >= |x| . w_abs_sum + b_abs_sum, and a bound E on the prediction's error
+    beyond a float64 evaluation. Checks that read the same x (a layer's q, k and v
+    projections) share one call with their group sums concatenated along G. Q only scales the
+    tolerance, so it comes from a GEMM in the element dtype (``upper_matmul``), which on CPUs
+    runs at twice the rate and needs no float64 copy of x (measured with the float32 per-head
+    sums of ``runtime.projection_checksum_score``: the ABFT cost of one GPT-2 layer, CPU
+    float32 4 x 256, 26 -> 17 ms in paired runs).
+
+    The prediction of a float32 x comes from float32 dot products of ``_DOT_CHUNK`` terms, one
+    per chunk of x's row (one batched GEMM over the chunks, x read in place), added in
+    float64 (``_chunked_prediction``): no float64 copy of x and no float64 GEMM, which took
+    1 ms of a GPT-2 layer's checks (CPU, 4 x 256). This GEMM runs under the same assumption as
+    the checked layer's own float32 GEMM (IEEE float32 operands, see ``default_gemm_roundoff``).
+    Other inputs keep a float64 GEMM (E = 0): a 16-bit model's GEMMs do not depend on the
+    float32 matmul precision flags, so its check must not either."""
     rows = x.reshape(-1, x.shape[-1])
-    pred = rows.to(CHECK_DTYPE) @ w_sum.to(CHECK_DTYPE)
     q_abs = upper_matmul(rows.abs(), w_abs_sum)
+    if b_abs_sum is not None:
+        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
+    if x.dtype == torch.float32 and rows.shape[-1] % _DOT_CHUNK == 0:
+        pred, error = _chunked_prediction(rows, w_sum, w_abs_sum, q_abs)
+    else:
+        pred = rows.to(CHECK_DTYPE) @ w_sum.to(CHECK_DTYPE)
+        error = torch.zeros_like(pred)
     if b_sum is not None:
         pred = pred + b_sum.to(CHECK_DTYPE)
-        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
-    return torch.stack([pred, q_abs]).reshape(2, *x.shape[:-1], w_sum.shape[-1])
+    return torch.stack([pred, q_abs, error]).reshape(3, *x.shape[:-1], w_sum.shape[-1])
+
+
+_DOT_CHUNK = 64
+
+
+def _chunked_prediction(rows: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Tensor,
+                        q_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows @ w_sum, E)`` for float32 ``rows[M, K]`` (K a multiple of ``_DOT_CHUNK``),
+    float64 ``w_sum[K, G]``, ``w_abs_sum`` and Q = ``q_abs`` >= |rows| . w_abs_sum (as in
+    ``linear_checksum_terms``).
+
+    w_sum is rounded to float32, w_e, with r = max_lg |w_sum - w_e| / w_abs_sum measured here
+    (the ratio is at most |w_sum - w_e| / |w_sum| <= 2^-24 unless w_sum is subnormal in
+    float32), so |x . (w_sum - w_e)| <= r Q. Each chunk's float32 dot of c = ``_DOT_CHUNK``
+    exact products, accumulated in any order by a possibly truncating accumulator, errs by at
+    most rel_c = gamma_c(2 u) (``_gemm_rel``, as ``_ACC_FACTOR``) times the sum of its terms'
+    magnitudes, plus c tiny for products and partial sums flushed to zero; the n = K / c chunk
+    sums are converted exactly and added in float64 (gamma_{n + 1}(2^-53) with the bias).
+    With sum_l |x_l w_e_l| <= (1 + r) Q:
+        E = (rel_c (1 + r) + r + gamma_{n+1}(2^-53) (1 + rel_c)(1 + r)) Q + 2 K tiny.
+    rel_c is gamma_64(2^-23) = 7.6e-6: at most 8 % of the projection check's own tolerance
+    (about 9.6e-5 Q for GPT-2's K = 768), and much less where w_sum's columns cancel, as random
+    weights' do (|x| . |w_sum| is then a fraction of Q); the float64 GEMM's error was
+    gamma_K(2^-53) Q."""
+    m, k = rows.shape
+    chunks = k // _DOT_CHUNK
+    w_e = w_sum.to(torch.float32)
+    parts = torch.bmm(rows.reshape(m, chunks, _DOT_CHUNK).transpose(0, 1),
+                      w_e.view(chunks, _DOT_CHUNK, -1))
+    pred = parts.to(CHECK_DTYPE).sum(0)
+    residual = (w_sum.to(CHECK_DTYPE) - w_e.to(CHECK_DTYPE)).abs()
+    zero = torch.zeros((), dtype=CHECK_DTYPE, device=residual.device)
+    # |w_sum| <= w_abs_sum, so w_abs_sum > 0 wherever the residual is
+    ratio = torch.where(residual > 0, residual / w_abs_sum.to(CHECK_DTYPE), zero).amax()
+    rel_c = _gemm_rel(_DOT_CHUNK, 0.0, _ACC_FACTOR * unit_roundoff(torch.float32))
+    g_sum = gamma(chunks + 1, U_CHECK)
+    factor = (rel_c * (1 + ratio) + ratio + g_sum * (1 + rel_c) * (1 + ratio)) * _slack(4)
+    return pred, factor * q_abs + 2 * k * torch.finfo(torch.float32).tiny
 
 
 def upper_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -916,7 +970,8 @@ def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_f
                             prediction_error: tuple[float | torch.Tensor, float] = (0.0, 0.0)
                             ) -> torch.Tensor:
     """The comparison half of ``linear_checksum_score``: ``terms`` from
-    ``linear_checksum_terms`` (shaped like ``y_groups`` after its leading 2), the layer input's
+    ``linear_checksum_terms`` (shaped like ``y_groups`` after its leading 3; a third row bounds
+    the prediction's error and is added to the tolerance) or ``row_checksum_terms`` (2), the layer input's
     width and dtype, whether the layer has a bias; the other arguments and the tolerance as in
     ``linear_checksum_score``. ``group_sum_error``: (relative, per-element absolute) error of
     ``y_groups`` as sums of the group's y (default: summed whole in y_groups' dtype,
@@ -940,6 +995,8 @@ def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_f
         (k_in + 1) * tiny_acc + r * _out_eta(out_dtype) + sum_tiny) + s_abs * pred_abs + _TINY_CHECK
 
     pred, q_abs = terms[0] * s, terms[1]
+    if terms.shape[0] > 2:  # the prediction's own error bound (linear_checksum_terms)
+        absolute = absolute + s_abs * terms[2]
     yg = y_groups.to(CHECK_DTYPE)
     tol = (rel * q_abs + absolute) * _slack(k_in + group_size + 8)
     nonfinite = ~(torch.isfinite(yg) & torch.isfinite(pred))

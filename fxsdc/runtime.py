@@ -405,7 +405,7 @@ def projection_checksum_score(terms: torch.Tensor, heads: torch.Tensor, *,
     # float32 vectors hold twice the lanes. (The output projection's sums, over K columns,
     # stay in float64: there it would be half as large as the bound.)
     y_groups = heads.to(element_dtype(heads.dtype)).sum(-1).transpose(1, 2)  # [B, T, H]
-    own = terms[..., columns[0]:columns[1]].reshape(2, batch, seq, heads_n)
+    own = terms[..., columns[0]:columns[1]].reshape(-1, batch, seq, heads_n)
     return linear_checksum_verdict(own, y_groups, in_features=in_features, in_dtype=in_dtype,
                                    has_bias=has_bias, group_size=group_size, scale=scale,
                                    out_dtype=heads.dtype)

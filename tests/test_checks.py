@@ -258,7 +258,8 @@ def test_matmul_checksum_clean_never_flags(case: dict) -> None:
 
 linear_cases = st.fixed_dictionaries({
     "dtype": st.sampled_from(DTYPES),
-    "tokens": st.integers(1, 6), "k": st.integers(1, 64),
+    # K a multiple of 64 above 64: float32 x takes the chunked prediction
+    "tokens": st.integers(1, 6), "k": st.one_of(st.integers(1, 64), st.sampled_from([128, 768])),
     "groups": st.integers(1, 4), "group_size": st.integers(1, 16),
     "bias": st.booleans(),
     "scale": st.sampled_from([None, 0.125, 1 / math.sqrt(48), -3.0]),
@@ -343,6 +344,35 @@ def test_row_checksum_terms_bound_their_errors(dtype: torch.dtype, scale: float)
     rel, absolute = checks.row_checksum_error(k, dtype, rounding)
     assert ((pred - (x64 @ w_sum + b_sum)).abs() <= rel * exact_q + absolute).all()
     assert (q_bound >= exact_q).all()
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-3, 1.0, 1e30])
+def test_chunked_prediction_bounds_its_error(scale: float) -> None:
+    """The float32 chunked prediction of ``linear_checksum_terms`` is within its own bound E
+    (third row) of x . w_sum + b, at any magnitude (subnormal products at 1e-40, weight sums
+    near float32's underflow), against float64 references over K = 768 terms (their own error,
+    ~1e-13 relative, is far below E's); a float64 x still takes the float64 GEMM (E = 0)."""
+    gen = torch.Generator().manual_seed(11)
+    k, groups = 768, 36
+    x = (torch.randn(3, 40, k, generator=gen, dtype=torch.float64) * scale).to(torch.float32)
+    w_sum = (torch.randn(k, groups, generator=gen, dtype=torch.float64)
+             * torch.logspace(-45, 2, k, dtype=torch.float64).unsqueeze(1))
+    w_abs = w_sum.abs() * (1 + torch.rand(k, groups, generator=gen, dtype=torch.float64))
+    b_sum = torch.randn(groups, generator=gen, dtype=torch.float64)
+    b_abs = b_sum.abs() * 2
+    pred, q_abs, error = checks.linear_checksum_terms(x, w_sum, w_abs, b_sum, b_abs)
+    x64 = x.double()
+    exact_q = x64.abs() @ w_abs + b_abs
+    assert ((pred - (x64 @ w_sum + b_sum)).abs() <= error).all()
+    assert (q_abs >= exact_q).all()
+    assert (checks.linear_checksum_terms(x64, w_sum, w_abs, b_sum, b_abs)[2] == 0).all()
+    # Weight sums of ordinary magnitude round to float32 within 2^-24: E is then ~1e-5 of Q
+    # (rel_c + r + gamma_13(2^-53) = 7.63e-6 + 6e-8 + ~0, under a tenth of the projection's ~1e-4).
+    w_sum = torch.randn(k, groups, generator=gen, dtype=torch.float64) / 8
+    w_abs = w_sum.abs() * (1 + torch.rand(k, groups, generator=gen, dtype=torch.float64))
+    pred, q_abs, error = checks.linear_checksum_terms(x, w_sum, w_abs, b_sum, b_abs)
+    assert ((pred - (x64 @ w_sum + b_sum)).abs() <= error).all()
+    assert (error <= 8e-6 * q_abs + 2 * k * torch.finfo(torch.float32).tiny).all()
 
 
 def test_autocast_products_never_flag() -> None:
