@@ -877,61 +877,63 @@ def linear_checksum_terms(x: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch
 
     The prediction of a float32 x comes from float32 dot products of ``_DOT_CHUNK`` terms, one
     per chunk of x's row (one batched GEMM over the chunks, x read in place), added in
-    float64 (``_chunked_prediction``): no float64 copy of x and no float64 GEMM, which took
+    float64 (``_chunked_terms``): no float64 copy of x and no float64 GEMM, which took
     1 ms of a GPT-2 layer's checks (CPU, 4 x 256). This GEMM runs under the same assumption as
     the checked layer's own float32 GEMM (IEEE float32 operands, see ``default_gemm_roundoff``).
     Other inputs keep a float64 GEMM (E = 0): a 16-bit model's GEMMs do not depend on the
     float32 matmul precision flags, so its check must not either."""
     rows = x.reshape(-1, x.shape[-1])
-    q_abs = upper_matmul(rows.abs(), w_abs_sum)
-    if b_abs_sum is not None:
-        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
     if x.dtype == torch.float32 and rows.shape[-1] % _DOT_CHUNK == 0:
-        pred, error = _chunked_prediction(rows, w_sum, w_abs_sum, q_abs)
+        pred, q_abs, error = _chunked_terms(rows, w_sum, w_abs_sum)
     else:
         pred = rows.to(CHECK_DTYPE) @ w_sum.to(CHECK_DTYPE)
+        q_abs = upper_matmul(rows.abs(), w_abs_sum)
         error = torch.zeros_like(pred)
     if b_sum is not None:
         pred = pred + b_sum.to(CHECK_DTYPE)
+        q_abs = q_abs + b_abs_sum.to(CHECK_DTYPE)
     return torch.stack([pred, q_abs, error]).reshape(3, *x.shape[:-1], w_sum.shape[-1])
 
 
 _DOT_CHUNK = 64
 
 
-def _chunked_prediction(rows: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Tensor,
-                        q_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows @ w_sum, E)`` for float32 ``rows[M, K]`` (K a multiple of ``_DOT_CHUNK``),
-    float64 ``w_sum[K, G]``, ``w_abs_sum`` and Q = ``q_abs`` >= |rows| . w_abs_sum (as in
-    ``linear_checksum_terms``).
+def _chunked_terms(rows: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows @ w_sum, Q, E)`` for float32 ``rows[M, K]`` (K a multiple of ``_DOT_CHUNK``) and
+    float64 ``w_sum[K, G]``, ``w_abs_sum``, without the bias (``linear_checksum_terms``).
 
     w_sum is rounded to float32, w_e, with r = max_lg |w_sum - w_e| / w_abs_sum measured here
-    (the ratio is at most |w_sum - w_e| / |w_sum| <= 2^-24 unless w_sum is subnormal in
-    float32), so |x . (w_sum - w_e)| <= r Q. Each chunk's float32 dot of c = ``_DOT_CHUNK``
-    exact products, accumulated in any order by a possibly truncating accumulator, errs by at
-    most rel_c = gamma_c(2 u) (``_gemm_rel``, as ``_ACC_FACTOR``) times the sum of its terms'
-    magnitudes, plus c tiny for products and partial sums flushed to zero; the n = K / c chunk
-    sums are converted exactly and added in float64 (gamma_{n + 1}(2^-53) with the bias).
-    With sum_l |x_l w_e_l| <= (1 + r) Q:
-        E = (rel_c (1 + r) + r + gamma_{n+1}(2^-53) (1 + rel_c)(1 + r)) Q + 2 K tiny.
-    rel_c is gamma_64(2^-23) = 7.6e-6: at most 8 % of the projection check's own tolerance
-    (about 9.6e-5 Q for GPT-2's K = 768), and much less where w_sum's columns cancel, as random
-    weights' do (|x| . |w_sum| is then a fraction of Q); the float64 GEMM's error was
-    gamma_K(2^-53) Q."""
+    (at most 2^-24 unless w_sum is subnormal in float32), so |x . (w_sum - w_e)| <= r Q. Each
+    chunk's float32 dot of c = ``_DOT_CHUNK`` exact products, accumulated in any order by a
+    possibly truncating accumulator, errs by at most rel_c = gamma_c(2 u) (``_gemm_rel``, as
+    ``_ACC_FACTOR``) times the sum of its terms' magnitudes, plus c tiny for products and
+    partial sums flushed to zero; the n = K / c chunk sums are converted exactly and added in
+    float64 (gamma_n(2^-53) of their magnitudes, at most (1 + rel_c) P). So, with
+    P >= sum_l |x_l| |w_e_l| from the same GEMM as Q (``upper_matmul``, G more columns):
+        E = (rel_c + gamma_n(2^-53) (1 + rel_c)) P + r Q + 2 K tiny.
+    rel_c = gamma_64(2^-23) = 7.6e-6 against the projection check's own ~gamma_K(2^-23) Q
+    (9.2e-5 Q at GPT-2's K = 768); P is Q's sum over the group's summed columns, which
+    cancel where the weights' signs vary: for random signs about Q / sqrt(group size)."""
     m, k = rows.shape
+    groups = w_sum.shape[-1]
     chunks = k // _DOT_CHUNK
     w_e = w_sum.to(torch.float32)
     parts = torch.bmm(rows.reshape(m, chunks, _DOT_CHUNK).transpose(0, 1),
-                      w_e.view(chunks, _DOT_CHUNK, -1))
+                      w_e.view(chunks, _DOT_CHUNK, groups))
     pred = parts.to(CHECK_DTYPE).sum(0)
+    q_abs, p_abs = upper_matmul(rows.abs(), torch.cat([w_abs_sum.to(CHECK_DTYPE),
+                                                       w_e.abs().to(CHECK_DTYPE)], -1)
+                                ).split(groups, -1)
     residual = (w_sum.to(CHECK_DTYPE) - w_e.to(CHECK_DTYPE)).abs()
     zero = torch.zeros((), dtype=CHECK_DTYPE, device=residual.device)
     # |w_sum| <= w_abs_sum, so w_abs_sum > 0 wherever the residual is
     ratio = torch.where(residual > 0, residual / w_abs_sum.to(CHECK_DTYPE), zero).amax()
     rel_c = _gemm_rel(_DOT_CHUNK, 0.0, _ACC_FACTOR * unit_roundoff(torch.float32))
-    g_sum = gamma(chunks + 1, U_CHECK)
-    factor = (rel_c * (1 + ratio) + ratio + g_sum * (1 + rel_c) * (1 + ratio)) * _slack(4)
-    return pred, factor * q_abs + 2 * k * torch.finfo(torch.float32).tiny
+    p_rel = rel_c + gamma(chunks, U_CHECK) * (1 + rel_c)
+    error = ((p_rel * p_abs + ratio * q_abs) * _slack(4)
+             + 2 * k * torch.finfo(torch.float32).tiny)
+    return pred, q_abs, error
 
 
 def upper_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
