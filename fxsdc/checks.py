@@ -10,9 +10,10 @@ NaN/Inf, ``0`` for a row that cannot be checked (fewer than two valid keys, say)
 accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
 
 **Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype, except the
-per-element work of the two softmax checks (below) and of the matmul ABFT's sums over C's rows
-and over the long rows of A (float32 partial sums of 16 terms, added in float64; see
-``matmul_checksum_score``):
+per-element work of the two softmax checks (below), of the matmul ABFT's sums over C's rows
+(float32 partial sums of 16 terms, added in float64) and over the long rows of A (float32, see
+``matmul_checksum_score``), and a float32 model's q/k/v projection prediction (float32 dot
+products of 64 terms, added in float64; ``linear_checksum_terms``), each rounding charged:
 
 - its own rounding (u = 2^-53) is then negligible next to the model's (2^-8 for bfloat16, 2^-24
   for float32), so each tolerance is the model's error plus a sliver, which is the most
@@ -21,7 +22,9 @@ and over the long rows of A (float32 partial sums of 16 terms, added in float64;
   (gamma_D) several times over;
 - checksums of |A||B| cannot overflow (float32 sums of m values near 1e36 can);
 - float64 matmuls never use TF32 or bf16 shortcuts, whatever ``set_float32_matmul_precision``
-  says, so the bound on the check's own error holds on any backend;
+  says, so the bound on the check's own error holds on any backend (the one float32 GEMM that
+  predicts, the q/k/v projection checksum's for a float32 model, ``linear_checksum_terms``,
+  assumes IEEE float32 operands, as the tolerance of the float32 GEMM it checks does);
 - the extra work is O(row length) per row, memory-bound and fused by ``torch.compile``; data
   centre GPUs run float64 at half or full float32 rate. Eagerly the upcast copies are
   materialised, one slice of the leading dims at a time (``EAGER_SLICE_ELEMENTS``).
