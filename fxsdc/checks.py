@@ -907,7 +907,8 @@ def _chunked_terms(rows: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Ten
     float64 ``w_sum[K, G]``, ``w_abs_sum``, without the bias (``linear_checksum_terms``).
 
     w_sum is rounded to float32, w_e, with r = max_lg |w_sum - w_e| / w_abs_sum measured here
-    (at most 2^-24 unless w_sum is subnormal in float32), so |x . (w_sum - w_e)| <= r Q. Each
+    (``_rounded_sums``, as ``row_sum_weights`` does for the output projection; at most 2^-24
+    unless w_sum is subnormal in float32), so |x . (w_sum - w_e)| <= r Q. Each
     chunk's float32 dot of c = ``_DOT_CHUNK`` exact products, accumulated in any order by a
     possibly truncating accumulator, errs by at most rel_c = gamma_c(2 u) (``_gemm_rel``, as
     ``_ACC_FACTOR``) times the sum of its terms' magnitudes, plus c tiny for products and
@@ -921,17 +922,13 @@ def _chunked_terms(rows: torch.Tensor, w_sum: torch.Tensor, w_abs_sum: torch.Ten
     m, k = rows.shape
     groups = w_sum.shape[-1]
     chunks = k // _DOT_CHUNK
-    w_e = w_sum.to(torch.float32)
+    w_e, ratio = _rounded_sums(w_sum, w_abs_sum, torch.float32)
     parts = torch.bmm(rows.reshape(m, chunks, _DOT_CHUNK).transpose(0, 1),
-                      w_e.view(chunks, _DOT_CHUNK, groups))
+                      w_e.reshape(chunks, _DOT_CHUNK, groups))
     pred = parts.to(CHECK_DTYPE).sum(0)
     q_abs, p_abs = upper_matmul(rows.abs(), torch.cat([w_abs_sum.to(CHECK_DTYPE),
                                                        w_e.abs().to(CHECK_DTYPE)], -1)
                                 ).split(groups, -1)
-    residual = (w_sum.to(CHECK_DTYPE) - w_e.to(CHECK_DTYPE)).abs()
-    zero = torch.zeros((), dtype=CHECK_DTYPE, device=residual.device)
-    # |w_sum| <= w_abs_sum, so w_abs_sum > 0 wherever the residual is
-    ratio = torch.where(residual > 0, residual / w_abs_sum.to(CHECK_DTYPE), zero).amax()
     rel_c = _gemm_rel(_DOT_CHUNK, 0.0, _ACC_FACTOR * unit_roundoff(torch.float32))
     p_rel = rel_c + gamma(chunks, U_CHECK) * (1 + rel_c)
     error = ((p_rel * p_abs + ratio * q_abs) * _slack(4)
@@ -1028,13 +1025,23 @@ def row_sum_weights(w_sum: torch.Tensor, w_abs_sum: torch.Tensor, dtype: torch.d
     weights) is about 2^-24 for float32; it is measured, not assumed, so sums near float32's
     underflow are covered too."""
     elem = element_dtype(dtype)
-    w_e = w_sum.to(elem)
+    w_e, ratio = _rounded_sums(w_sum, w_abs_sum, elem)
     wa_e = w_abs_sum.to(elem)
     wa_e = torch.where(wa_e.to(torch.float64) < w_abs_sum,
                        torch.nextafter(wa_e, torch.full_like(wa_e, math.inf)), wa_e)
-    diff = (w_sum - w_e.to(torch.float64)).abs()
-    ratio = torch.where(diff > 0, diff / w_abs_sum, torch.zeros_like(diff))
-    return w_e, wa_e, ratio.amax() if ratio.numel() else torch.zeros((), dtype=torch.float64)
+    return w_e, wa_e, ratio
+
+
+def _rounded_sums(w_sum: torch.Tensor, w_abs_sum: torch.Tensor, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_e, r): float64 ``w_sum`` rounded to nearest in ``dtype``, and
+    r = max |w_sum - w_e| / w_abs_sum (a float64 0-dim tensor; 0 where both are 0, as
+    |w_sum| <= w_abs_sum), so that |x . (w_sum - w_e)| <= r sum |x| w_abs_sum."""
+    w_e = w_sum.to(dtype)
+    diff = (w_sum.to(CHECK_DTYPE) - w_e.to(CHECK_DTYPE)).abs()
+    zero = torch.zeros((), dtype=CHECK_DTYPE, device=diff.device)
+    ratio = torch.where(diff > 0, diff / w_abs_sum.to(CHECK_DTYPE), zero)
+    return w_e, ratio.amax() if ratio.numel() else zero
 
 
 def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
