@@ -11,7 +11,7 @@ accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
 
 **Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype, except the
 per-element work of the two softmax checks (below), of the matmul ABFT's sums over C's rows
-(float32 partial sums of 16 terms, added in float64) and over the long rows of A (float32, see
+(float32 partial sums of at most 16 terms, added in float64) and over the long rows of A (float32, see
 ``matmul_checksum_score``), and a float32 model's q/k/v projection prediction (float32 dot
 products of 64 terms, added in float64; ``linear_checksum_terms``), each rounding charged:
 
@@ -624,31 +624,42 @@ def _scale_parts(scale: float | torch.Tensor | None,
     return float(scale), abs(float(scale))
 
 
-_BLOCK = 16
+_BLOCK = 16  # at most this many terms in a partial sum
+_LANES = 16  # partial sums per row: a multiple of this (16 float32 lanes of an AVX-512 vector)
+
+
+def _block_shape(length: int) -> tuple[int, int]:
+    """(b, nb): ``_sum_in_blocks`` splits a row of ``length`` terms into nb partial sums of at
+    most b <= ``_BLOCK`` terms, nb the least multiple of ``_LANES`` with nb * _BLOCK >= length.
+
+    nb is at least 16 because inductor's C++ backend vectorises the loop over the partials 16
+    floats wide: with fewer (GPT-2's weights . V rows of 64 terms made 4 partials of 16), the
+    loop ran masked and, with more than one thread, inductor's parallel-depth heuristic counted
+    floor(4 / 16) = 0 steps in the loops over rows and partials and parallelised the 16-term
+    reduction instead, opening an OpenMP region for each of the 12288 rows of a layer: that
+    kernel took 18.1 ms against 2.2 ms with 16 partials of 4 terms (2 threads, one GPT-2 small
+    layer, 4 x 256 float32, paired profile; 3.3 ms either way on one thread)."""
+    nb = _LANES * max(1, -(-length // (_BLOCK * _LANES)))
+    return max(1, -(-length // nb)), nb
 
 
 def _blocked(x: torch.Tensor) -> torch.Tensor:
-    """``x[..., L]`` zero-padded to a multiple of ``_BLOCK`` and viewed as ``[..., _BLOCK, nb]``
-    (nb = ceil(L / _BLOCK)): column j holds elements j, j + nb, ..., so reducing over dim -2
-    gives nb partial results of ``_BLOCK`` elements each, accumulated lane by lane in vector
-    registers (no reduction across lanes until the nb partials are combined)."""
-    length = x.shape[-1]
-    pad = (-length) % _BLOCK
+    """``x[..., L]`` zero-padded to b * nb terms and viewed as ``[..., b, nb]`` (``_block_shape``):
+    column j holds elements j, j + nb, ..., so reducing over dim -2 gives nb partial results of
+    at most b elements each, accumulated lane by lane in vector registers (no reduction across
+    lanes until the nb partials are combined)."""
+    block, blocks = _block_shape(x.shape[-1])
+    pad = block * blocks - x.shape[-1]
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
-    return x.unflatten(-1, (_BLOCK, -1))
-
-
-def _block_count(length: int) -> int:
-    """nb = ceil(length / _BLOCK): how many partial sums ``_sum_in_blocks`` adds in float64."""
-    return -(-length // _BLOCK)
+    return x.unflatten(-1, (block, blocks))
 
 
 def _sum_in_blocks(x: torch.Tensor) -> torch.Tensor:
-    """Float64 sum over the last dim from partial sums of ``_BLOCK`` elements each in x's dtype
-    (see ``_blocked``). Each partial sum errs by at most gamma_{_BLOCK - 1}(u_x) times the sum of
-    its terms' magnitudes (any order, Higham section 3.1); the float64 additions of the
-    ceil(L / _BLOCK) partials are the caller's to charge."""
+    """Float64 sum over the last dim from nb partial sums of at most b elements each in x's dtype
+    (``_blocked``, (b, nb) = ``_block_shape(L)``). Each partial sum errs by at most
+    gamma_{b - 1}(u_x) times the sum of its terms' magnitudes (any order, Higham section 3.1);
+    the float64 additions of the nb partials are the caller's to charge."""
     return _blocked(x).sum(-2).to(CHECK_DTYPE).sum(-1)
 
 
@@ -674,8 +685,8 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     accumulation for 16/32-bit, x2 for truncating accumulators).
 
     **Where the check's arithmetic runs.** The per-element sums over C's rows run in the element
-    dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial sums of
-    ``_BLOCK`` terms each, which are added in float64 (``_sum_in_blocks``). Converting every
+    dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial sums of at
+    most ``_BLOCK`` terms each, which are added in float64 (``_sum_in_blocks``). Converting every
     element to float64 instead costs more than the rest of the check on CPUs (inductor's C++
     backend converts float32 to float64 through memory, element by element), while a partial
     sum of 16 terms errs by at most gamma_15(u_e), about 1e-6 relative - an eighth of a float32
@@ -701,7 +712,8 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                |c_ij - s (AB)_ij| <= |s| ((1 + g_op) rel_k + g_op) (|A||B|)_ij
                                      + gamma_2(u_out) |c_ij| + |s| (1 + g_op)(k tiny_acc + eta_out) + eta_out
                (without a scale: g_op = 0 and gamma_1(u_out) |c_ij|);
-      check:   row sum of c: partial sums gamma_15(u_e) S_i (+ m tiny_e for elements a
+      check:   row sum of c: partial sums of at most b <= 16 terms (``_block_shape(m)``)
+               gamma_{b-1}(u_e) S_i (+ m tiny_e for elements a
                flushing unit reads as zero), float64 total and the subtraction gamma_m(u_c) S_i;
                s * A.(B.1) in float64: B.1 costs gamma_m, the dot gamma_k, the scale and its
                reciprocal 2, together <= gamma_{m+k+2}(u_c) |s| Q_i (Lemma 3.3); in e (k > m):
@@ -751,7 +763,8 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
         rhs_rel = 0.0
     c_bound, q_bound, a_bound = _checksum_magnitudes(a_e, c_e, b_abs_sums)
     rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK) + rhs_rel)
-    rel_c = gamma(1 if scale is None else 2, u_out) + gamma(_BLOCK - 1, u_e) + gamma(m, U_CHECK)
+    block, _ = _block_shape(m)
+    rel_c = gamma(1 if scale is None else 2, u_out) + gamma(block - 1, u_e) + gamma(m, U_CHECK)
     absolute = (m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out + tiny_e)
                 + _TINY_CHECK)
     if a_bound is not None:
@@ -783,12 +796,13 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     they are summed in e, in the same loops as the checksums.
 
     A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
-    it adds (any order): g = gamma_{_BLOCK - 1}(u_e) for C's rows (``_sum_in_blocks``; the
-    float64 additions of at most max(k, m) partial sums and the corrections below, by
+    it adds (any order): g = gamma_{b - 1}(u_e) for C's rows (``_sum_in_blocks``, partials of
+    at most b terms, ``_block_shape(m)``; the float64 additions of at most m nonzero partial
+    sums - padded partials are exact zeros - and the corrections below, by
     gamma_{max(k, m) + 4}(2^-53)), g = gamma_k(u_e) for the products of A's rows summed whole
     in e (k - 1 additions and the products' rounding).
     A term that is a flushed subnormal, an underflowed product or a flushed partial sum loses
-    under tiny_e. So S <= (S_hat + m tiny) / (1 - gamma_15). For Q, each B_l = sum_j |b_lj| is
+    under tiny_e. So S <= (S_hat + m tiny) / (1 - gamma_{b-1}). For Q, each B_l = sum_j |b_lj| is
     first raised to B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then
     Q <= (Q_hat + k tiny (2 + max B~)) / ((1 - g)(1 - gamma_m)) (a flushed a_l loses under
     tiny B~_l, a product or a partial sum under tiny). A <= k max_l |a_il|, exact
@@ -801,7 +815,7 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     tiny = torch.finfo(dtype).tiny
     k, m = a.shape[-1], c.shape[-1]
     long_a = k > m
-    g_m, g_c, g_q = gamma(m, u), gamma(_BLOCK - 1, u), gamma(k, u)
+    g_m, g_c, g_q = gamma(m, u), gamma(_block_shape(m)[0] - 1, u), gamma(k, u)
     if max(g_m, g_q) >= 1:  # no bound: an infinite tolerance never flags
         inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
         return inf, inf, inf if long_a else None
@@ -1007,11 +1021,11 @@ def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_f
 
 def blocked_sum_error(length: int, dtype: torch.dtype) -> tuple[float, float]:
     """(relative, per-term absolute) error of ``_sum_in_blocks`` over ``length`` terms in ``dtype``
-    (float64 partials: exact conversions): gamma_{_BLOCK - 1}(u) for the partial sums, then
-    gamma_nb(2^-53) for the float64 additions of the nb = ceil(length / _BLOCK) partials, and
-    ``tiny`` per term for partial sums flushed to zero."""
-    blocks = _block_count(length)
-    return gamma(_BLOCK - 1, unit_roundoff(dtype)) + gamma(blocks, U_CHECK), torch.finfo(dtype).tiny
+    (float64 partials: exact conversions): gamma_{b - 1}(u) for the partial sums of at most b
+    terms, then gamma_nb(2^-53) for the float64 additions of the nb partials
+    (``_block_shape``), and ``tiny`` per term for partial sums flushed to zero."""
+    block, blocks = _block_shape(length)
+    return gamma(block - 1, unit_roundoff(dtype)) + gamma(blocks, U_CHECK), torch.finfo(dtype).tiny
 
 
 def row_sum_weights(w_sum: torch.Tensor, w_abs_sum: torch.Tensor, dtype: torch.dtype
@@ -1056,12 +1070,13 @@ def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
     ``w_e[K]``, ``wa_e[K]`` from ``row_sum_weights``; ``b_sum``/``b_abs_sum``: float64 scalars
     (shape [1]) or None. Returns ``[prediction, Q]`` as ``linear_checksum_terms`` does, shape
     ``[2, *x.shape[:-1], 1]``. The prediction x . w_e + b errs by at most
-    (gamma_{_BLOCK}(u_e) + gamma_{nb + 1}(2^-53)) (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e (each
-    product's rounding with its partial sum's, (1 + u)(1 + gamma_15) <= 1 + gamma_16 by Higham's
-    Lemma 3.3; the float64 additions of the nb partials and of b; products and partial sums
+    (gamma_b(u_e) + gamma_{nb + 1}(2^-53)) (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e (partials of
+    at most b terms, (b, nb) = ``_block_shape(K)``: each product's rounding with its partial
+    sum's, (1 + u)(1 + gamma_{b-1}) <= 1 + gamma_b by Higham's Lemma 3.3; the float64 additions
+    of the nb partials and of b; products and partial sums
     flushed to zero); ``prediction_error`` turns that into terms of Q (see
     ``output_checksum_score``). Q: the computed sum of the non-negative products |x_l| wa_e_l is
-    at least (1 - u_e)(1 - gamma_{_BLOCK - 1}(u_e))(1 - gamma_{nb + 1}(2^-53)) times the exact
+    at least (1 - u_e)(1 - gamma_{b - 1}(u_e))(1 - gamma_{nb + 1}(2^-53)) times the exact
     one, less 2 K tiny_e, and wa_e >= w_abs_sum, so Q <= (Q_hat + 2 K tiny_e) / that factor.
     """
     elem = element_dtype(x.dtype)
@@ -1073,8 +1088,8 @@ def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
     if b_sum is not None:
         pred = pred + b_sum.to(CHECK_DTYPE)
         q_hat = q_hat + b_abs_sum.to(CHECK_DTYPE)
-    blocks = _block_count(k)
-    low = (1 - u) * (1 - gamma(_BLOCK - 1, u)) * (1 - gamma(blocks + 1, U_CHECK))
+    block, blocks = _block_shape(k)
+    low = (1 - u) * (1 - gamma(block - 1, u)) * (1 - gamma(blocks + 1, U_CHECK))
     q_bound = (q_hat + 2 * k * tiny) * ((1 + 2.0 ** -50) / low)  # 2^-50: these float64 steps
     return torch.stack([pred, q_bound]).unsqueeze(-1)
 
@@ -1084,10 +1099,11 @@ def row_checksum_error(in_features: int, in_dtype: torch.dtype, weight_rounding:
     """``prediction_error`` for ``linear_checksum_verdict`` of terms from ``row_checksum_terms``:
     with r = ``weight_rounding`` (``row_sum_weights``), sum_l |x_l w_e_l| + |b| <= (1 + r) Q, so
     the prediction errs from x . w_sum + b by at most
-    ((gamma_{_BLOCK}(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e."""
+    ((gamma_b(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e, (b, nb) =
+    ``_block_shape(K)``."""
     elem = element_dtype(in_dtype)
-    blocks = _block_count(in_features)
-    rounding = gamma(_BLOCK, unit_roundoff(elem)) + gamma(blocks + 1, U_CHECK)
+    block, blocks = _block_shape(in_features)
+    rounding = gamma(block, unit_roundoff(elem)) + gamma(blocks + 1, U_CHECK)
     tiny = torch.finfo(elem).tiny
     return rounding * (1 + weight_rounding) + weight_rounding, 2 * in_features * tiny
 

@@ -175,13 +175,18 @@ def test_checksum_magnitudes_bound_the_exact_sums(dtype: torch.dtype, scale: flo
     c = (a.double() @ b.double()).to(dtype)
     b_abs_sums = checks._row_sums(b.to(checks.element_dtype(dtype)))[1]  # as the check sums
     c_abs, q_abs, a_abs = checks._checksum_magnitudes(a, c, b_abs_sums)
-    slack = 1 / (1 - checks.gamma(512, 2.0**-53))  # float64 reference sums
-    assert (c_abs >= c.double().abs().sum(-1) * slack).all()
+    # The float64 references are at least (1 - gamma_n(2^-53)) times the exact sums of their n
+    # roundings (m terms; m + k for the sums of products; k), so reference / that bounds each
+    # exact sum from above. (With m = 16, C's partial sums hold one term each and are exact.)
+    def slack(n: int) -> float:
+        return 1 / (1 - checks.gamma(n, 2.0**-53))
+    k = a.shape[-1]
+    assert (c_abs >= c.double().abs().sum(-1) * slack(m)).all()
     assert (q_abs >= (a.double().abs() * b.double().abs().sum(-1).unsqueeze(-2)).sum(-1)
-            * slack).all()
+            * slack(m + k)).all()
     assert (a_abs is None) == (m > 64)
     if a_abs is not None:
-        assert (a_abs >= a.double().abs().sum(-1) * slack).all()
+        assert (a_abs >= a.double().abs().sum(-1) * slack(k)).all()
 
 
 # ------------------------------------------------------------------ clean matmuls
@@ -210,7 +215,9 @@ matmul_cases = st.fixed_dictionaries({
     "dtype": st.sampled_from(DTYPES),
     "batch": st.sampled_from([(), (2,), (2, 3)]),
     "broadcast_b": st.booleans(),
-    "n": st.integers(1, 12), "k": st.integers(1, 80), "m": st.integers(1, 24),
+    "n": st.integers(1, 12), "k": st.integers(1, 80),
+    # rows of C: short ones (partial sums of one or two terms), and 64, 100, 256 (of 4, 7, 16)
+    "m": st.one_of(st.integers(1, 24), st.sampled_from([64, 100, 256])),
     "dist": st.sampled_from(["normal", "positive", "spread"]),
     "sa": st.integers(0, 4), "sb": st.integers(0, 4),
     # how the model scales the product: GPT-2 divides by a torch.full divisor in the dtype
@@ -232,6 +239,21 @@ def scaled_product(a: torch.Tensor, b: torch.Tensor, how: tuple[str, float] | No
         return c / value, 1.0 / value
     divisor = torch.full([], value, dtype=c.dtype)
     return c / divisor, 1.0 / divisor.to(torch.float64)
+
+
+def test_blocked_sums_use_short_partials_sixteen_wide() -> None:
+    """``_sum_in_blocks`` splits a row into a multiple of 16 partial sums (inductor's C++ loop
+    over them then runs 16 floats wide, see ``checks._block_shape``) of at most 16 terms, each
+    as short as that allows; the blocks cover the row, and the sum is the row's."""
+    for length in range(0, 2100):
+        block, blocks = checks._block_shape(length)
+        assert blocks % 16 == 0 and 1 <= block <= 16 and block * blocks >= length
+        assert blocks == 16 or (blocks - 16) * 16 < length  # no more partials than needed
+        assert block == 1 or (block - 1) * blocks < length  # and none longer
+    gen = torch.Generator().manual_seed(0)
+    for length in (1, 64, 100, 257, 768):
+        x = torch.randint(-1000, 1000, (3, length), generator=gen).to(torch.float64)
+        assert torch.equal(checks._sum_in_blocks(x), x.sum(-1))  # integers: exact either way
 
 
 @SETTINGS
