@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
+import transformers
 from torch._inductor.utils import run_and_get_code
 from torch._dynamo.utils import counters
 
@@ -202,6 +203,60 @@ def test_a_detector_without_injection_nodes_stores_what_its_checks_read():
     assert equal, f"compiled detector differs from the compiled original by {diff}"
     assert "\n".join(code).count("torch.ops.fxsdc.xor_elements_.default(") == len(stores)
     assert result.detector.total_flagged() == 0
+
+
+def _parallel_region_entries(code: str) -> list[int]:
+    """For each ``#pragma omp parallel`` of generated C++ ``code``, how many times one call of
+    its kernel enters it: the product of the trip counts of the ``for`` loops around it (found
+    by matching braces upwards: a block opened above and not closed before the pragma encloses
+    it; ``for(int64_t x=0L; x<N; x+=S)`` runs ceil(N / S) times)."""
+    lines = code.split("\n")
+    entries = []
+    for i, line in enumerate(lines):
+        if "#pragma omp parallel" not in line:
+            continue
+        depth, count = 0, 1
+        for j in range(i - 1, 0, -1):
+            if lines[j].startswith('extern "C"'):
+                break
+            depth += lines[j].count("}") - lines[j].count("{")
+            if depth < 0:  # lines[j] opens a block around the pragma
+                depth = 0
+                header = lines[j - 1].replace("static_cast<int64_t>", "")
+                loop = re.search(r"for\(.*<\((\d+)L\);.*\+=\((\d+)L\)\)", header)
+                if loop:
+                    count *= -(-int(loop.group(1)) // int(loop.group(2)))
+        entries.append(count)
+    return entries
+
+
+def test_checks_open_no_parallel_region_per_row():
+    """On several threads, inductor's C++ code for a checked layer enters an OpenMP parallel
+    region at most once per sample, never inside a loop over rows. With fewer partial sums than
+    a vector's 16 lanes (rows of 64 terms as 4 sums of 16, before ``checks._block_shape``), its
+    parallel-depth heuristic counted no work in the outer loops and parallelised each row's
+    reduction: a region per row, and 12-layer GPT-2 small with all checks at 2 threads went
+    from +12 % to +36 % over the original (``tools/bench_results/README.md``)."""
+    # GPT-2 small's head dim, 64 (the tiny config's 16 made one partial sum, which inductor
+    # squeezed away, and did not show the bug), in a one-layer model of two heads.
+    config = transformers.GPT2Config(n_embd=128, n_head=2, n_layer=1, vocab_size=256,
+                                     n_positions=64, use_cache=False)
+    config._attn_implementation = "eager"  # the softmax the checks match (as models.load_model)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    result = instrument(model, checks=("bounds", "softmax", "abft"), locations=[])
+    batch, seq = 2, 64
+    result.detector.reset(batch)
+    inputs = token_inputs(config.vocab_size, batch, seq)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # inductor writes OpenMP code only for more than one thread
+    try:
+        code = _generated_code(result.gm, inputs, {})
+    finally:
+        torch.set_num_threads(threads)
+    entries = _parallel_region_entries(code)
+    assert entries, "the probe must see parallel regions"
+    # At most one region per sample (the detector's per-sample counts reduce each sample's rows).
+    assert max(entries) <= batch, entries
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
