@@ -65,7 +65,7 @@ def _add_instrument(sub: Any) -> None:
     p.add_argument("--fault", metavar="LOCATION@LAYER",
                    help="also run one injected forward pass with this fault, e.g. scores@0")
     p.add_argument("--index", help="element of the fault, b,h,i,j (default: random, seeded)")
-    p.add_argument("--bit", default="30", help="bit(s) to flip, comma-separated (default 30)")
+    p.add_argument("--bit", help="bit(s) to flip, comma-separated (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fault element")
     p.set_defaults(func=_run_instrument)
 
@@ -96,10 +96,13 @@ def _run_instrument(args: argparse.Namespace) -> int:
     dtype = bits.parse_dtype(args.dtype)
     spec = models.resolve(args.model)
     fault = None
+    if not args.fault and (args.bit is not None or args.index is not None):
+        raise UserError("--bit and --index describe the fault of --fault; "
+                        "add --fault LOCATION@LAYER, e.g. scores@0")
     if args.fault:
         location, layer = _parse_fault(args.fault)
         location = InjectionLocation.parse(location).value
-        flip = bits.check_bits(_int_list(args.bit, "--bit"), dtype)
+        flip = bits.check_bits(_int_list("30" if args.bit is None else args.bit, "--bit"), dtype)
         index = parse_index(args.index) if args.index else None
         fault = (layer, location, index, flip)
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():

@@ -32,6 +32,8 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     (["instrument", "gpt2", "--tiny", "--fault", "scores@0", "--index", "0,a,1,2"],
      "is not a comma-separated list of integers"),
     (["instrument", "gpt2", "--tiny", "--fault", "scores@5"], "no instrumented site at layer 5"),
+    (["instrument", "gpt2", "--tiny", "--bit", "99"], "--bit and --index describe the fault"),
+    (["instrument", "gpt2", "--tiny", "--index", "0,0,1,1"], "add --fault LOCATION@LAYER"),
     (["instrument", "gpt2", "--tiny", "--dtype", "int8"], "unknown dtype 'int8'"),
     (["instrument"], "instrument: the following arguments are required: model"),
     (["frobnicate"], "fxsdc: argument command: invalid choice: 'frobnicate'"),
