@@ -344,15 +344,17 @@ def test_row_checksum_clean_never_flags(case: dict) -> None:
     assert score.max() <= 1, f"row checksum score {score.max().item()} on a clean layer ({case})"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+# K = 768: 48 partial sums of 16 terms; 100 and 64: 16 of 7 and of 4 (``checks._block_shape``).
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 768), (torch.bfloat16, 768),
+                                     (torch.float64, 768), (torch.float32, 100),
+                                     (torch.bfloat16, 64)])
 @pytest.mark.parametrize("scale", [1e-40, 1e-3, 1.0, 1e30])
-def test_row_checksum_terms_bound_their_errors(dtype: torch.dtype, scale: float) -> None:
+def test_row_checksum_terms_bound_their_errors(dtype: torch.dtype, k: int, scale: float) -> None:
     """The blocked prediction is within ``row_checksum_error`` of x . w_sum + b and Q bounds
     sum |x| w_abs_sum + |b| from above, at any magnitude (subnormal products and flushed partial
     sums at 1e-40; weight sums near float32's underflow), against float64 references over
-    K = 768 terms (their own error, ~1e-13 relative, is far below the bounds' ~1e-6)."""
+    K terms (their own error, ~1e-13 relative, is far below the bounds' ~1e-6)."""
     gen = torch.Generator().manual_seed(7)
-    k = 768
     x = (torch.randn(3, 40, k, generator=gen, dtype=torch.float64) * scale).to(dtype)
     w_sum = torch.randn(k, generator=gen, dtype=torch.float64) * torch.logspace(-45, 2, k,
                                                                                   dtype=torch.float64)
