@@ -89,6 +89,9 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
     - neither: compiled, each element is compared with the slots' targets and flipped where one
       matches; the records come from the flipped tensor.
 
+    Eagerly, a site that is not ``in_place`` is copied and the copy flipped in place (with grad
+    mode on and x requiring grad: a mask tensor XOR-ed with x, which autograd can follow).
+
     ``store``: under torch.compile, the checks read the site, so it is stored anyway (see
     :func:`passes.insert_checks.store_checked_sites`): it is stored unflipped and then flipped
     in place, as an ``in_place`` site."""
