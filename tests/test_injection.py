@@ -51,6 +51,34 @@ def test_flip_lands_exactly_where_asked(tiny_model, location):
         assert changed == [list(fault.index)]
 
 
+@pytest.mark.parametrize("location", ["scores", "q"])
+def test_eager_flip_with_grad_matches_no_grad(tiny_model, location):
+    """Eagerly, a site flipped on a copy in place (no grad; the scaled scores) or in place (q)
+    and the same site under grad mode with parameters requiring grad (no in-place writes, which
+    autograd would refuse: a mask tensor XOR-ed in) give bitwise the same output and records, and
+    the flipped forward still backpropagates."""
+    x = tiny_model.example
+    fault, _ = _random_fault(tiny_model, location, 1, 30, 3)
+    tiny_model.faults.set_faults([fault], *x["input_ids"].shape)
+    with torch.no_grad():
+        plain = tiny_model(**x)
+    plain_record = tiny_model.faults.applied()[0]
+    tiny_model.faults.set_faults([fault], *x["input_ids"].shape)
+    params = [p for p in tiny_model.gm.parameters() if p.is_floating_point()]
+    assert params and all(p.requires_grad for p in params)
+    with torch.enable_grad():
+        graded = tiny_model.gm(**x)  # the graph itself: calling the result runs under no_grad
+        graded["logits"].float().sum().backward()
+    record = tiny_model.faults.applied()[0]
+    backpropagated = any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    tiny_model.faults.clear()
+    tiny_model.gm.zero_grad(set_to_none=True)  # the instrumented model is shared between tests
+    assert compare_outputs(plain, {k: v.detach() for k, v in graded.items()
+                                   if isinstance(v, torch.Tensor)})[0]
+    assert record == plain_record
+    assert backpropagated
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
 def test_flip_in_each_dtype(dtype):
     """Every width, float64 included: its 64-bit masks do not fit a select word, so its slots
