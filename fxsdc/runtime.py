@@ -172,7 +172,7 @@ def inject_bitflips(x: torch.Tensor, site_id: int, fused_heads: int, word: torch
         if store:
             flipped = _stored(flipped)
     else:
-        # Eager: scatter the slots' masks, O(numel + slots) instead of O(numel * slots). Idle
+        # Eager with grad (no in-place writes): scatter the slots' masks, O(numel + slots). Idle
         # slots write 0 to a spare last element; the host merges slots that share one.
         xor = torch.zeros(total + 1, dtype=int_dtype, device=x.device).index_put(
             (torch.where(active, offset, total),), bits.to(int_dtype))[:total]

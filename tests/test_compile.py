@@ -281,7 +281,7 @@ def test_idle_scores_select_keeps_16bit_kernels_vectorised(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_compiled_scores_select_puts_the_flipped_bits_in_place(dtype):
     """The scaled scores, which compiled models never store, get the flipped value through a
-    select: exactly the bits the eager scatter gives, for a sign, an exponent and a mantissa
+    select: exactly the bits the eager flip gives, for a sign, an exponent and a mantissa
     bit in each packed width."""
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 16, 8, generator=gen).to(dtype) for _ in range(2))
