@@ -656,11 +656,18 @@ def _blocked(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_in_blocks(x: torch.Tensor) -> torch.Tensor:
-    """Float64 sum over the last dim from nb partial sums of at most b elements each in x's dtype
-    (``_blocked``, (b, nb) = ``_block_shape(L)``). Each partial sum errs by at most
-    gamma_{b - 1}(u_x) times the sum of its terms' magnitudes (any order, Higham section 3.1);
-    the float64 additions of the nb partials are the caller's to charge."""
-    return _blocked(x).sum(-2).to(CHECK_DTYPE).sum(-1)
+    """Float64 sum over the last dim: nb partial sums of at most b elements each in x's dtype
+    (``_blocked``, (b, nb) = ``_block_shape(L)``), each run of ``_LANES`` partials (one vector's
+    lanes) added in x's dtype too, and the nb / _LANES lane sums in float64 (one per row for
+    rows of up to _BLOCK * _LANES = 256 terms). Its error: ``blocked_sum_error``.
+
+    The lanes are not added in float64: inductor's C++ backend adds a vector's float64 lanes
+    one at a time through memory (float32 lanes with vector shuffles), ~50 ns per row. GPT-2
+    small's 12288 attention rows per layer (4 x 256, one thread, Xeon): 16 float32 partials
+    per row summed in float64 0.67 ms, in float32 0.03 ms; the blocked sums of one layer's
+    checks took ~3 ms less (per-loop timings of the compiled layer)."""
+    lanes = _blocked(x).sum(-2)
+    return lanes.unflatten(-1, (-1, _LANES)).sum(-1).to(CHECK_DTYPE).sum(-1)
 
 
 @sliced_when_eager
@@ -686,11 +693,11 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
 
     **Where the check's arithmetic runs.** The per-element sums over C's rows run in the element
     dtype e (float32 unless an input is float64, u_e its unit roundoff) as partial sums of at
-    most ``_BLOCK`` terms each, which are added in float64 (``_sum_in_blocks``). Converting every
-    element to float64 instead costs more than the rest of the check on CPUs (inductor's C++
-    backend converts float32 to float64 through memory, element by element), while a partial
-    sum of 16 terms errs by at most gamma_15(u_e), about 1e-6 relative - an eighth of a float32
-    GEMM's own bound at k = 64. When A's rows are the longer ones (k > m: weights . V, where A
+    most ``_BLOCK`` terms each, whose lanes are added in e and the lane sums in float64
+    (``_sum_in_blocks``). Converting every element to float64 instead costs more than the rest
+    of the check on CPUs (inductor's C++ backend converts float32 to float64 through memory,
+    element by element), while the blocked sum of a row of 256 errs by at most gamma_30(u_e),
+    about 1.8e-6 relative - a quarter of a float32 GEMM's own bound at k = 64. When A's rows are the longer ones (k > m: weights . V, where A
     is attention-sized), A.(B.1) is summed in e over each whole row, in the one loop over A
     that also takes the row's extremes (shared with the softmax check, ``passes.merge_reductions``)
     and the magnitudes: partial sums of A's rows would be written out and read back, which on
@@ -698,8 +705,12 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     kernel. Its rounding, gamma_k(u_e) relative to P = sum_l |a_l (B.1)_l|, is charged on P,
     summed in the same loop: with B's rows summed with cancellation, P is typically a fraction
     of Q (below), so the tolerance grows by far less than gamma_k(u_e) Q (at most by that, about
-    half a float32 GEMM's own bound). The shorter side's B.1 and A.(B.1) (k <= m: q . k^T, where
-    B is attention-sized) stay in float64, as do the per-row terms.
+    half a float32 GEMM's own bound). When B is the long side (k <= m: q . k^T, where B is
+    attention-sized), B.1 is summed in float64 (down B's columns, in the loop that copies B
+    for the model's GEMM), rounded to e, and A.(B.1) summed in e over the short k in blocks
+    (``_sum_in_blocks``; in float64 that is a float64 reduction per row of C, 0.9 ms of a GPT-2
+    layer), its rounding charged on P, summed in the same loop. The per-row terms stay in
+    float64.
 
     Tolerance, row i, k = inner dim, m = columns, S_i = sum_j |c_ij|, Q_i = sum_l |a_il| sum_j |b_lj|,
     A_i = sum_l |a_il|, rel_k = d_in + gamma_k(accum_u) (1 + d_in), d_in = (1 + input_u)^2 - 1:
@@ -712,11 +723,20 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
                |c_ij - s (AB)_ij| <= |s| ((1 + g_op) rel_k + g_op) (|A||B|)_ij
                                      + gamma_2(u_out) |c_ij| + |s| (1 + g_op)(k tiny_acc + eta_out) + eta_out
                (without a scale: g_op = 0 and gamma_1(u_out) |c_ij|);
-      check:   row sum of c: partial sums of at most b <= 16 terms (``_block_shape(m)``)
-               gamma_{b-1}(u_e) S_i (+ m tiny_e for elements a
-               flushing unit reads as zero), float64 total and the subtraction gamma_m(u_c) S_i;
-               s * A.(B.1) in float64: B.1 costs gamma_m, the dot gamma_k, the scale and its
-               reciprocal 2, together <= gamma_{m+k+2}(u_c) |s| Q_i (Lemma 3.3); in e (k > m):
+      check:   row sum of c in blocks: g_m S_i, g_j = ``blocked_sum_error(j, e)`` (+ m tiny_e
+               for elements a flushing unit reads as zero and for flushed sums), the float64
+               steps and the subtraction gamma_m(u_c) S_i;
+               s * A.(B.1): B.1 in float64 costs gamma_m, the scale and its reciprocal 2,
+               together <= gamma_{m+k+2}(u_c) |s| Q_i (Lemma 3.3; this bound also covers a
+               float64 dot); in e (k <= m): B.1 rounded to e and each product rounded (u_e
+               each, or tiny_e, times |a_l|, resp. 1, where they flush; a flushed a_l loses
+               under tiny_e |(B.1)_l|), summed in blocks (g_k, + k tiny_e):
+               (gamma_2(u_e) + g_k (1 + gamma_2(u_e))) |s| P_i + |s| (F_i + k tiny_e),
+               F_i = 2 (k a*_i + k + sum_l |(B.1)_l|) tiny_e, a*_i = max_l |a_il|
+               (A_i <= k a*_i), where P_i >= sum_l |a_il (B.1)_l| comes from the blocked sum
+               of the products' magnitudes, P_i = (P_hat + F_i) / ((1 - g_k)(1 - gamma_2(u_e)))
+               (raised by the float64 steps' gamma_{k+4}(u_c); ``_dot_with_row_sums``);
+               in e (k > m):
                B.1 summed in e (gamma_{m-1}(u_e) per row of B, + m tiny_e per row for flushed
                elements), then the products (u_e each) and their sum over the row (k - 1
                additions, any order), each of these flushing by < tiny_e: gamma_m(u_e) |s| Q_i
@@ -757,14 +777,16 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
         p_bound = ((products.abs().sum(-1).to(CHECK_DTYPE) + 2 * k * tiny_e)
                    * (grow / (1 - gamma(k, u_e))))
         rhs_error = s_abs * gamma(k, u_e) * p_bound
-    else:  # B is the long side: B.1 and A.(B.1) in float64 (over the short k)
+    else:  # B is the long side: B.1 in float64, A.(B.1) in e over the short k, in blocks
         b_abs_sums = b_e.abs().sum(-1)
-        rhs = (a.to(CHECK_DTYPE) * b.to(CHECK_DTYPE).sum(-1).unsqueeze(-2)).sum(-1) * s
+        dot, dot_error = _dot_with_row_sums(a_e, b)
+        rhs = dot * s
         rhs_rel = 0.0
+        rhs_error = s_abs * dot_error
     c_bound, q_bound, a_bound = _checksum_magnitudes(a_e, c_e, b_abs_sums)
     rel_q = s_abs * ((1 + g_op) * rel + g_op + gamma(m + k + 2, U_CHECK) + rhs_rel)
-    block, _ = _block_shape(m)
-    rel_c = gamma(1 if scale is None else 2, u_out) + gamma(block - 1, u_e) + gamma(m, U_CHECK)
+    rel_c = (gamma(1 if scale is None else 2, u_out) + blocked_sum_error(m, elem)[0]
+             + gamma(m, U_CHECK))
     absolute = (m * (s_abs * (1 + g_op) * (k * tiny_acc + eta_out) + eta_out + tiny_e)
                 + _TINY_CHECK)
     if a_bound is not None:
@@ -772,6 +794,36 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     tol = (rel_q * q_bound + rhs_error + rel_c * c_bound + absolute) * _slack(m + k + 8)
     checkable = torch.isfinite(lhs) & torch.isfinite(rhs)
     return _finish((lhs - rhs).abs(), tol, nonfinite, checkable)
+
+
+def _dot_with_row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A.(B.1), E)`` for ``matmul_checksum_score`` when B is the long side, float64, shaped
+    like A's rows: B.1 summed in float64 (down B's columns), rounded to a's dtype e, and the
+    products with A's rows in e summed in blocks (``_sum_in_blocks`` over the short k). E bounds
+    the result's distance from A.(B.1)^ (B.1^ the float64 sums: their own error is the caller's)
+    with g_k = ``blocked_sum_error(k, e)``, a* = max_l |a_l|:
+        E = (gamma_2(u_e) + g_k (1 + gamma_2(u_e))) P + F + k tiny_e,
+        F = 2 (k a* + k + sum_l |(B.1^)_l|) tiny_e,
+    P = (P_hat + F) / ((1 - g_k)(1 - gamma_2(u_e))) >= sum_l |a_l (B.1^)_l|, P_hat the blocked
+    sum of the products' magnitudes (derivation in ``matmul_checksum_score``'s docstring; the
+    last term of F is for a_l that a flushing unit reads as zero)."""
+    elem = a.dtype
+    u, tiny = unit_roundoff(elem), torch.finfo(elem).tiny
+    k = a.shape[-1]
+    row_sums = b.to(CHECK_DTYPE).sum(-1)
+    # B.1 rounded once per column (not in each row's loop), and the row results laid out
+    # row-major like C's rows, whatever A's strides (q is a view of the projection's
+    # [batch, seq, heads * dim]): read in C's row order by the verdict, they were gathered
+    # element by element there (0.4 ms more per GPT-2 layer).
+    products = a * in_eager_layout(row_sums.to(elem)).unsqueeze(-2)
+    g_k, g_2 = blocked_sum_error(k, elem)[0], gamma(2, u)
+    flushed = 2 * (k * a.abs().amax(-1).to(CHECK_DTYPE) + k
+                   + row_sums.abs().sum(-1, keepdim=True)) * tiny
+    grow = 1 / (1 - gamma(k + 4, U_CHECK))  # the float64 steps below
+    dot, p_hat = (in_eager_layout(t.contiguous()) for t in (_sum_in_blocks(products),
+                                                            _sum_in_blocks(products.abs())))
+    p_bound = (p_hat + flushed) * (grow / ((1 - g_k) * (1 - g_2)))
+    return dot, (g_2 + g_k * (1 + g_2)) * p_bound + flushed + k * tiny
 
 
 def _row_sums(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -796,13 +848,11 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     they are summed in e, in the same loops as the checksums.
 
     A computed sum of non-negative terms is at least (1 - g) times the exact sum of the terms
-    it adds (any order): g = gamma_{b - 1}(u_e) for C's rows (``_sum_in_blocks``, partials of
-    at most b terms, ``_block_shape(m)``; the float64 additions of at most m nonzero partial
-    sums - padded partials are exact zeros - and the corrections below, by
-    gamma_{max(k, m) + 4}(2^-53)), g = gamma_k(u_e) for the products of A's rows summed whole
-    in e (k - 1 additions and the products' rounding).
+    it adds (any order): g_c = ``blocked_sum_error(m, e)`` for C's rows (``_sum_in_blocks``;
+    the corrections below by gamma_{max(k, m) + 4}(2^-53)), g = gamma_k(u_e) for the products of
+    A's rows summed whole in e (k - 1 additions and the products' rounding).
     A term that is a flushed subnormal, an underflowed product or a flushed partial sum loses
-    under tiny_e. So S <= (S_hat + m tiny) / (1 - gamma_{b-1}). For Q, each B_l = sum_j |b_lj| is
+    under tiny_e. So S <= (S_hat + m tiny) / (1 - g_c). For Q, each B_l = sum_j |b_lj| is
     first raised to B~_l = B_l_hat + m tiny >= (1 - gamma_m) B_l; then
     Q <= (Q_hat + k tiny (2 + max B~)) / ((1 - g)(1 - gamma_m)) (a flushed a_l loses under
     tiny B~_l, a product or a partial sum under tiny). A <= k max_l |a_il|, exact
@@ -815,8 +865,8 @@ def _checksum_magnitudes(a: torch.Tensor, c: torch.Tensor, b_abs_sums: torch.Ten
     tiny = torch.finfo(dtype).tiny
     k, m = a.shape[-1], c.shape[-1]
     long_a = k > m
-    g_m, g_c, g_q = gamma(m, u), gamma(_block_shape(m)[0] - 1, u), gamma(k, u)
-    if max(g_m, g_q) >= 1:  # no bound: an infinite tolerance never flags
+    g_m, g_c, g_q = gamma(m, u), blocked_sum_error(m, dtype)[0], gamma(k, u)
+    if max(g_m, g_c, g_q) >= 1:  # no bound: an infinite tolerance never flags
         inf = torch.full(c.shape[:-1], math.inf, dtype=CHECK_DTYPE, device=c.device)
         return inf, inf, inf if long_a else None
     a_e = a.to(dtype)
@@ -1020,12 +1070,26 @@ def linear_checksum_verdict(terms: torch.Tensor, y_groups: torch.Tensor, *, in_f
 
 
 def blocked_sum_error(length: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(relative, per-term absolute) error of ``_sum_in_blocks`` over ``length`` terms in ``dtype``
-    (float64 partials: exact conversions): gamma_{b - 1}(u) for the partial sums of at most b
-    terms, then gamma_nb(2^-53) for the float64 additions of the nb partials
-    (``_block_shape``), and ``tiny`` per term for partial sums flushed to zero."""
+    """(relative, per-term absolute) error of ``_sum_in_blocks`` over ``length`` terms in ``dtype``,
+    relative to the sum of the terms' magnitudes: each term passes through at most b - 1
+    additions in its partial sum and _LANES - 1 in its lane sum, in any order, so
+    gamma_{b-1}(u) + gamma_{_LANES-1}(u) (1 + gamma_{b-1}(u)) <= gamma_{b + _LANES - 2}(u)
+    (Higham's Lemma 3.3), then gamma_{nb / _LANES}(2^-53) for the float64 additions of the lane
+    sums (exact conversions; (b, nb) = ``_block_shape(length)``); and ``tiny`` per term for
+    partial and lane sums flushed to zero (fewer additions than terms)."""
     block, blocks = _block_shape(length)
-    return gamma(block - 1, unit_roundoff(dtype)) + gamma(blocks, U_CHECK), torch.finfo(dtype).tiny
+    return (gamma(block + _LANES - 2, unit_roundoff(dtype)) + gamma(blocks // _LANES, U_CHECK),
+            torch.finfo(dtype).tiny)
+
+
+def _blocked_dot_error(length: int, dtype: torch.dtype) -> float:
+    """Relative error, against sum_l |x_l y_l| (+ |b|), of a dot product of ``length`` terms
+    computed as products rounded to ``dtype`` summed by ``_sum_in_blocks``, plus one float64
+    addition (a bias): u + g (1 + u) for the products and the sum (g from
+    ``blocked_sum_error``), then gamma_1(2^-53)."""
+    u = unit_roundoff(dtype)
+    g = blocked_sum_error(length, dtype)[0]
+    return u + g * (1 + u) + gamma(1, U_CHECK)
 
 
 def row_sum_weights(w_sum: torch.Tensor, w_abs_sum: torch.Tensor, dtype: torch.dtype
@@ -1070,14 +1134,12 @@ def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
     ``w_e[K]``, ``wa_e[K]`` from ``row_sum_weights``; ``b_sum``/``b_abs_sum``: float64 scalars
     (shape [1]) or None. Returns ``[prediction, Q]`` as ``linear_checksum_terms`` does, shape
     ``[2, *x.shape[:-1], 1]``. The prediction x . w_e + b errs by at most
-    (gamma_b(u_e) + gamma_{nb + 1}(2^-53)) (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e (partials of
-    at most b terms, (b, nb) = ``_block_shape(K)``: each product's rounding with its partial
-    sum's, (1 + u)(1 + gamma_{b-1}) <= 1 + gamma_b by Higham's Lemma 3.3; the float64 additions
-    of the nb partials and of b; products and partial sums
+    r_K (sum_l |x_l w_e_l| + |b|) + 2 K tiny_e, r_K = ``_blocked_dot_error(K, e)`` (each
+    product's rounding, the blocked sum, the float64 addition of b; products and partial sums
     flushed to zero); ``prediction_error`` turns that into terms of Q (see
     ``output_checksum_score``). Q: the computed sum of the non-negative products |x_l| wa_e_l is
-    at least (1 - u_e)(1 - gamma_{b - 1}(u_e))(1 - gamma_{nb + 1}(2^-53)) times the exact
-    one, less 2 K tiny_e, and wa_e >= w_abs_sum, so Q <= (Q_hat + 2 K tiny_e) / that factor.
+    at least (1 - r_K) times the exact one, less 2 K tiny_e, and wa_e >= w_abs_sum, so
+    Q <= (Q_hat + 2 K tiny_e) / (1 - r_K).
     """
     elem = element_dtype(x.dtype)
     u, tiny = unit_roundoff(elem), torch.finfo(elem).tiny
@@ -1088,8 +1150,7 @@ def row_checksum_terms(x: torch.Tensor, w_e: torch.Tensor, wa_e: torch.Tensor,
     if b_sum is not None:
         pred = pred + b_sum.to(CHECK_DTYPE)
         q_hat = q_hat + b_abs_sum.to(CHECK_DTYPE)
-    block, blocks = _block_shape(k)
-    low = (1 - u) * (1 - gamma(block - 1, u)) * (1 - gamma(blocks + 1, U_CHECK))
+    low = 1 - _blocked_dot_error(k, elem)
     q_bound = (q_hat + 2 * k * tiny) * ((1 + 2.0 ** -50) / low)  # 2^-50: these float64 steps
     return torch.stack([pred, q_bound]).unsqueeze(-1)
 
@@ -1098,12 +1159,10 @@ def row_checksum_error(in_features: int, in_dtype: torch.dtype, weight_rounding:
                        ) -> tuple[torch.Tensor, float]:
     """``prediction_error`` for ``linear_checksum_verdict`` of terms from ``row_checksum_terms``:
     with r = ``weight_rounding`` (``row_sum_weights``), sum_l |x_l w_e_l| + |b| <= (1 + r) Q, so
-    the prediction errs from x . w_sum + b by at most
-    ((gamma_b(u_e) + gamma_{nb + 1}(2^-53)) (1 + r) + r) Q + 2 K tiny_e, (b, nb) =
-    ``_block_shape(K)``."""
+    the prediction errs from x . w_sum + b by at most (r_K (1 + r) + r) Q + 2 K tiny_e,
+    r_K = ``_blocked_dot_error(K, e)``."""
     elem = element_dtype(in_dtype)
-    block, blocks = _block_shape(in_features)
-    rounding = gamma(block, unit_roundoff(elem)) + gamma(blocks + 1, U_CHECK)
+    rounding = _blocked_dot_error(in_features, elem)
     tiny = torch.finfo(elem).tiny
     return rounding * (1 + weight_rounding) + weight_rounding, 2 * in_features * tiny
 

@@ -256,6 +256,42 @@ def test_blocked_sums_use_short_partials_sixteen_wide() -> None:
         assert torch.equal(checks._sum_in_blocks(x), x.sum(-1))  # integers: exact either way
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-40, 1.0, 1e30])
+def test_blocked_sums_bound_their_errors(dtype: torch.dtype, scale: float) -> None:
+    """``_sum_in_blocks`` (partials, their lanes in the element dtype, float64 beyond) is within
+    ``blocked_sum_error`` of the exact row sum, relative to the sum of magnitudes, at any
+    magnitude (subnormal terms and sums at 1e-40) and for rows of one to several lane groups;
+    float64 references (exact to ~1e-13 relative, far below the bounds' ~1e-6)."""
+    gen = torch.Generator().manual_seed(13)
+    for length in (1, 7, 64, 100, 256, 257, 768, 1024):
+        x = torch.randn(50, length, generator=gen, dtype=torch.float64)
+        x = x * torch.logspace(-3, 3, length, dtype=torch.float64)[torch.randperm(length,
+                                                                                 generator=gen)]
+        x = (x * scale).to(dtype).to(torch.float32)
+        exact = x.double().sum(-1)
+        rel, tiny = checks.blocked_sum_error(length, torch.float32)
+        bound = rel * x.double().abs().sum(-1) * (1 + 1e-12) + length * tiny
+        assert ((checks._sum_in_blocks(x) - exact).abs() <= bound).all(), length
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-40, 1e-20, 1.0, 1e15])
+def test_short_side_dot_bounds_its_error(dtype: torch.dtype, scale: float) -> None:
+    """A.(B.1) for the q.k^T checksum (B the long side): B.1 in float64 rounded to float32, the
+    products summed in blocks over the short k, is within its bound E of the float64
+    A.(B.1)^ (``_dot_with_row_sums``), at any magnitude: subnormal products and flushed sums at
+    1e-40 and 1e-20 (products of two 1e-20 values), against float64 references over k terms."""
+    gen = torch.Generator().manual_seed(17)
+    for k, m in ((64, 256), (7, 40), (100, 100)):
+        a = (torch.randn(2, 3, 30, k, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        b = (torch.randn(2, 3, k, m, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        dot, error = checks._dot_with_row_sums(a.to(torch.float32), b)
+        exact = (a.double() * b.double().sum(-1).unsqueeze(-2)).sum(-1)
+        assert dot.shape == error.shape == a.shape[:-1]
+        assert ((dot - exact).abs() <= error).all(), (k, m)
+
+
 @SETTINGS
 @given(case=matmul_cases)
 def test_matmul_checksum_clean_never_flags(case: dict) -> None:
