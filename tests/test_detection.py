@@ -176,3 +176,51 @@ def test_q_at_o_needs_k_equal_v():
     with pytest.raises(UserError, match="K != V"):  # rotary embeddings rotate k, not v
         instrument("TinyLlama/TinyLlama-1.1B-Chat-v1.0", tiny=True, checks=("comb",),
                    force_kv_equal=True)
+
+
+def _record_reference(passes: list[torch.Tensor], batch: int) -> tuple[list, float, int, list]:
+    """The detector state after ``passes`` of one check, from plain Python over the scores."""
+    rows, best, first, samples = [0, 0], 0.0, -1, [0] * batch  # as state_buffers starts
+    for score in passes:
+        flat = score.reshape(-1).tolist()
+        per = len(flat) // batch
+        flagged = [i for i, v in enumerate(flat) if v > 1]
+        rows[0] += len(flat)
+        rows[1] += len(flagged)
+        best = max(best, max(flat))
+        if first < 0 and flagged:
+            first = flagged[0]
+        for i in flagged:
+            samples[i // per] += 1
+    return rows, best, first, samples
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (12, 5), (15,)])
+def test_record_check_matches_a_plain_count(compiled: bool, shape: tuple[int, ...]) -> None:
+    """``record_check``'s per-sample reductions give the state a plain count gives: rows checked
+    and flagged, the largest score, the first flagged row of the first pass that flagged one
+    (later passes keep it), per-sample flags; in every score layout (B, H, T), (B*H, T), (B*T,),
+    eagerly and compiled."""
+    from fxsdc import runtime
+    from passes.insert_checks import state_buffers
+    batch, checks = 3, 2
+    state = state_buffers(checks, batch)
+    record = runtime.record_check
+    if compiled:
+        record = torch.compile(record, fullgraph=True, backend="inductor")
+    gen = torch.Generator().manual_seed(0)
+    passes = [torch.zeros(shape, dtype=torch.float64)]  # a clean pass first: nothing recorded
+    for _ in range(3):
+        score = torch.rand(shape, generator=gen, dtype=torch.float64) * 1.2
+        score[torch.rand(shape, generator=gen) < 0.05] = float("inf")
+        passes.append(score)
+    passes[1].reshape(batch, -1)[0] = 0.5  # the first flagged row lies beyond sample 0
+    batch_ref = torch.zeros(batch, 7, dtype=torch.long)
+    for score in passes:
+        record(score, 1, batch_ref, state["rows"], state["max"], state["first"], state["samples"])
+    rows, best, first, samples = _record_reference(passes, batch)
+    assert state["rows"][1].tolist() == rows and state["rows"][0].tolist() == [0, 0]
+    assert state["max"][1].item() == best
+    assert state["first"][1].item() == first and state["first"][0].item() == -1
+    assert state["samples"][1].tolist() == samples
