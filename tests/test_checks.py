@@ -146,16 +146,21 @@ def test_softmax_checks_find_nonfinite_inputs_from_row_sums() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scale", [1e-40, 1e-3, 1.0, 1e20])
-def test_upper_matmul_bounds_the_exact_product(dtype: torch.dtype, scale: float) -> None:
-    """``upper_matmul`` (the magnitude Q of the projection checksums, from a GEMM in the element
-    dtype) is never below the exact product, and at most a few per cent above it."""
+@pytest.mark.parametrize("gemm", [None, torch.float32, torch.bfloat16])
+def test_upper_matmul_bounds_the_exact_product(dtype: torch.dtype, scale: float,
+                                               gemm: torch.dtype | None) -> None:
+    """``upper_matmul`` (the magnitude Q of the projection checksums) is never below the exact
+    product, and at most a few per cent above it, from a GEMM in the dtype this machine picks
+    (``magnitude_gemm_dtype``) and in float32 and bfloat16 whatever the machine."""
     gen = torch.Generator().manual_seed(7)
     k = 768
     a = (torch.rand(64, k, generator=gen, dtype=torch.float64) * scale).to(dtype)
     b = torch.rand(k, 36, generator=gen, dtype=torch.float64) * 40
     b[::7] = 1e-45  # below float32's smallest normal
     exact = a.double() @ b  # float64: within gamma_K(2^-53) of the exact product
-    upper = checks.upper_matmul(a.abs(), b)
+    if dtype == torch.float64 and gemm is not None:
+        gemm = torch.float64  # a float64 operand keeps a float64 GEMM
+    upper = checks.upper_matmul(a.abs(), b, gemm)
     assert (upper >= exact / (1 - checks.gamma(k, 2.0**-53))).all()
     tiny = k * torch.finfo(checks.element_dtype(dtype)).tiny * (1 + 40)
     assert (upper <= exact * 1.02 + 2 * tiny).all()
