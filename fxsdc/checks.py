@@ -11,9 +11,11 @@ accumulate ``(score > 1)`` or ``score.amax()`` uniformly.
 
 **Check arithmetic is float64** (``CHECK_DTYPE``), whatever the model dtype, except the
 per-element work of the two softmax checks (below), of the matmul ABFT's sums over C's rows
-(float32 partial sums of at most 16 terms, added in float64) and over the long rows of A (float32, see
-``matmul_checksum_score``), and a float32 model's q/k/v projection prediction (float32 dot
-products of 64 terms, added in float64; ``linear_checksum_terms``), each rounding charged:
+and its A.(B.1) over a short k (float32 blocked sums: partials of at most 16 terms and a
+vector's 16 lanes of them, added in float64; ``_sum_in_blocks``) and over the long rows of A
+(float32, see ``matmul_checksum_score``), a float32 model's q/k/v projection prediction (float32
+dot products of 64 terms, added in float64; ``linear_checksum_terms``) and the magnitudes that
+only scale tolerances (``upper_matmul``), each rounding charged:
 
 - its own rounding (u = 2^-53) is then negligible next to the model's (2^-8 for bfloat16, 2^-24
   for float32), so each tolerance is the model's error plus a sliver, which is the most
