@@ -699,8 +699,9 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     (``_sum_in_blocks``). Converting every element to float64 instead costs more than the rest
     of the check on CPUs (inductor's C++ backend converts float32 to float64 through memory,
     element by element), while the blocked sum of a row of 256 errs by at most gamma_30(u_e),
-    about 1.8e-6 relative - a quarter of a float32 GEMM's own bound at k = 64. When A's rows are the longer ones (k > m: weights . V, where A
-    is attention-sized), A.(B.1) is summed in e over each whole row, in the one loop over A
+    about 1.8e-6 relative - a quarter of a float32 GEMM's own bound at k = 64. When A's rows
+    are the longer ones (k > m: weights . V, where A is attention-sized), A.(B.1) is summed in
+    e over each whole row, in the one loop over A
     that also takes the row's extremes (shared with the softmax check, ``passes.merge_reductions``)
     and the magnitudes: partial sums of A's rows would be written out and read back, which on
     one GPT-2 small layer (CPU, 4 x 256) made a second pass over the weights, 1.5 ms of a 4.5 ms
@@ -1041,7 +1042,8 @@ def upper_matmul(a: torch.Tensor, b: torch.Tensor,
     tiny = torch.finfo(dtype).tiny
     k = a.shape[-1]
     if dtype == torch.bfloat16:
-        low = (1 - u) ** 2 * (1 - 2 * u) * (1 - gamma(k, _ACC_FACTOR * unit_roundoff(torch.float32)))
+        accumulation = gamma(k, _ACC_FACTOR * unit_roundoff(torch.float32))
+        low = (1 - u) ** 2 * (1 - 2 * u) * (1 - accumulation)
         b = b.to(torch.float32)
     else:
         d_in = 2.0 ** -7 if dtype == torch.float32 else 0.0
