@@ -4,7 +4,7 @@ Each check reads the values that downstream ops actually consume (after any inje
 compares them with an independent computation from the producing op's inputs (DESIGN section 4):
 
 - ``bounds``  — ε from (logits, weights) lies within the Lambert-W bounds (seed's "s@w");
-- ``softmax`` — weight rows sum to 1 and lie in [0, 1];
+- ``softmax`` — weight rows, and their absolute values, sum to 1 (so weights lie in [0, 1]);
 - ``abft``    — checksums of q·kᵀ (against the consumed scaled scores), weights·v (against the
   consumed output), and of the q/k/v and output projections per head;
 - ``bounds-qo`` — the seed's "q@o" path, ε = a* − s·q·o, only where K = V (the pass verifies it

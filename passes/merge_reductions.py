@@ -10,8 +10,9 @@ maximum need a loop of their own; with one, they join the check's other row sums
 
 This runs as inductor's ``post_grad_custom_post_pass`` (``Instrumented.compile`` and the
 benchmark install it; eager execution never sees it): it edits the post-grad graph in place,
-which is inductor's contract for these hooks. Only pure, deterministic reductions are merged;
-the graph's values are unchanged.
+which is inductor's contract for these hooks. Only pure, deterministic reductions are merged,
+and the pointwise ops some of them read (``MERGEABLE_OPERANDS``); the graph's values are
+unchanged.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ aten = torch.ops.aten
 
 # Pure functions of their arguments: two calls with the same arguments give the same tensor.
 MERGEABLE_REDUCTIONS = frozenset({aten.amax.default, aten.amin.default, aten.sum.dim_IntList})
+# Pointwise ops merged only so that reductions of their results can merge: the softmax check
+# and the weights.V checksum both sum |w| over each row of the weights.
+MERGEABLE_OPERANDS = frozenset({aten.abs.default})
+_MERGEABLE = MERGEABLE_REDUCTIONS | MERGEABLE_OPERANDS
 
 
 def _hashable(value: Any) -> Any:
@@ -38,19 +43,21 @@ def _hashable(value: Any) -> Any:
 
 def merge_duplicate_reductions(graph: fx.Graph) -> int:
     """Replace every reduction in ``MERGEABLE_REDUCTIONS`` that repeats an earlier one (same op,
-    same input nodes, same dims, dtype and keepdim) by that earlier node. Returns how many were
-    merged. The earlier node precedes every user of the later one, so the order stays valid."""
+    same input nodes, same dims, dtype and keepdim) by that earlier node, and likewise every op
+    in ``MERGEABLE_OPERANDS`` (first, in graph order, so the reductions of two copies then read
+    one node). Returns how many reductions were merged. The earlier node precedes every user of
+    the later one, so the order stays valid."""
     first: dict[tuple, fx.Node] = {}
     merged = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in MERGEABLE_REDUCTIONS:
+        if node.op != "call_function" or node.target not in _MERGEABLE:
             continue
         key = (node.target, _hashable(node.args), _hashable(node.kwargs))
         kept = first.setdefault(key, node)
         if kept is not node:
             node.replace_all_uses_with(kept)
             graph.erase_node(node)
-            merged += 1
+            merged += node.target in MERGEABLE_REDUCTIONS
     return merged
 
 

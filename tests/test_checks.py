@@ -145,6 +145,25 @@ def test_softmax_checks_find_nonfinite_inputs_from_row_sums() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_softmax_sum_check_holds_weights_in_range_through_two_sums(dtype: torch.dtype) -> None:
+    """Rows that sum to 1 but hold a weight outside [0, 1] fail through the sum of |w|; a
+    weight off by ~2 tolerances fails, one inside half a tolerance passes."""
+    length = 16
+    tol = checks.softmax_sum_tolerance(dtype, length)
+    logits = torch.zeros(4, length, dtype=dtype)
+    w = torch.zeros(4, length, dtype=torch.float64)
+    w[0, :2] = torch.tensor([1.5, -0.5])  # sums to 1 exactly; |w| sums to 2
+    w[1, :2] = torch.tensor([1.0 + 4 * tol, -4 * tol])
+    w[2, :2] = torch.tensor([0.5, 0.5])
+    w[3, :2] = torch.tensor([1.0 + tol / 4, -tol / 4])
+    w = w.to(dtype)
+    assert w[0].double().sum() == 1  # the plain sum alone would pass row 0
+    score = checks.softmax_sum_score(w, logits)
+    assert score[0] > 1 and score[1] > 1, score
+    assert score[2] <= 1 and score[3] <= 1, score
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scale", [1e-40, 1e-3, 1.0, 1e20])
 @pytest.mark.parametrize("gemm", [None, torch.float32, torch.bfloat16])
 def test_upper_matmul_bounds_the_exact_product(dtype: torch.dtype, scale: float,

@@ -35,7 +35,11 @@ def _graph() -> tuple[fx.Graph, dict[str, fx.Node]]:
         "sum_dim0": g.call_function(aten.sum.dim_IntList, (x, [0])),
         "exp": g.call_function(aten.exp.default, (x,)),
         "exp_again": g.call_function(aten.exp.default, (x,)),
+        "abs": g.call_function(aten.abs.default, (x,)),
+        "abs_again": g.call_function(aten.abs.default, (x,)),
     }
+    nodes["abs_sum"] = g.call_function(aten.sum.dim_IntList, (nodes["abs"], [-1]))
+    nodes["abs_again_sum"] = g.call_function(aten.sum.dim_IntList, (nodes["abs_again"], [-1]))
     g.output(tuple(nodes.values()))
     return g, nodes
 
@@ -46,13 +50,15 @@ def test_merges_only_identical_reductions_and_keeps_values() -> None:
     x, y = torch.randn(3, 5), torch.randn(3, 5)
     expected = before(x, y)
     g2, nodes2 = _graph()
-    assert merge_duplicate_reductions(g2) == 2
+    assert merge_duplicate_reductions(g2) == 3
     g2.lint()
     kept = {n.name for n in g2.nodes}
-    assert nodes2["max_again"].name not in kept and nodes2["sum_again"].name not in kept
-    # Different keepdim, input, op or dims stay apart; pointwise ops are inductor's to fuse.
+    for name in ("max_again", "sum_again", "abs_again", "abs_again_sum"):
+        assert nodes2[name].name not in kept
+    # Different keepdim, input, op or dims stay apart; pointwise ops other than the reductions'
+    # operands (abs) are inductor's to fuse.
     for name in ("max", "max_no_keepdim", "max_of_y", "min", "sum", "sum_dim0", "exp",
-                 "exp_again"):
+                 "exp_again", "abs", "abs_sum"):
         assert nodes2[name].name in kept
     after = fx.GraphModule(torch.nn.Module(), g2)(x, y)
     assert all(torch.equal(a, b) for a, b in zip(expected, after))
