@@ -702,9 +702,9 @@ def matmul_checksum_score(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *,
     element by element), while the blocked sum of a row of 256 errs by at most gamma_30(u_e),
     about 1.8e-6 relative - a quarter of a float32 GEMM's own bound at k = 64. When A's rows
     are the longer ones (k > m: weights . V, where A is attention-sized), A.(B.1) is summed in
-    e over each whole row, in the one loop over A
-    that also takes the row's sum of |a| (shared with the softmax check, ``passes.merge_reductions``)
-    and the magnitudes: partial sums of A's rows would be written out and read back, which on
+    e over each whole row, in one loop over A with the magnitudes (A's sum of |a|, shared with
+    the softmax check through ``passes.merge_reductions``, is a flat loop of its own in
+    inductor's code): partial sums of A's rows would be written out and read back, which on
     one GPT-2 small layer (CPU, 4 x 256) made a second pass over the weights, 1.5 ms of a 4.5 ms
     kernel. Its rounding, gamma_k(u_e) relative to P = sum_l |a_l (B.1)_l|, is charged on P,
     summed in the same loop: with B's rows summed with cancellation, P is typically a fraction
