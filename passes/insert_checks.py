@@ -387,7 +387,9 @@ def insert_checks(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], *
                                   {"w_e": w_e, "wa_e": wa_e, "b_sum": b.sum().reshape(1),
                                    "b_abs_sum": b.abs().sum().reshape(1)},
                                   check_math.row_checksum_terms)
-            gm.register_buffer(f"{prefix}_rounding", rounding)
+            # 1-d: dynamo makes a 0-dim buffer's value a symbolic float, and its guard then reads
+            # it on the host in every call (12 ``.item()`` a forward on 12-layer GPT-2).
+            gm.register_buffer(f"{prefix}_rounding", rounding.reshape(1))
             (rounding_read,) = insert_buffer_reads(gm, [f"{prefix}_rounding"])
             add(site.layer, "abft", "out_proj", site.out_proj, runtime.output_checksum_score,
                 (terms, site.out_proj, rounding_read),
