@@ -37,6 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fxsdc.faults import Fault
 from fxsdc.pipeline import instrument
 
+from .conftest import TINY_MODELS, tiny_instrumented
+
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.equal,
             aten.masked_select, aten._unique, aten._unique2, aten.unique_dim,
@@ -146,6 +148,15 @@ def test_instrumented_forward_has_no_host_sync():
     assert "aten.bitwise_xor" in names and "aten._softmax" in names  # injection and model ran
     assert found["syncs"] == [], f"host syncs inside forward: {found['syncs']}"
     assert found["copies"] == [], f"host copies inside forward: {found['copies']}"
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_instrumented_models_hold_no_zero_dim_buffers(name: str) -> None:
+    """Dynamo makes a 0-dim floating buffer's value a symbolic float, and its guard then reads
+    the value on the host in every compiled call (a device sync on GPUs): every buffer the
+    passes add has at least one dimension."""
+    result = tiny_instrumented(name, checks=tuple(CHECKS))
+    assert [n for n, b in result.gm.named_buffers() if b.dim() == 0] == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")
