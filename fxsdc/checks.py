@@ -464,8 +464,7 @@ def top2_values(x: torch.Tensor, valid: torch.Tensor, row_max: torch.Tensor | No
 
 
 def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
-                      mask: torch.Tensor | None = None,
-                      recomputed_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                      mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-row quantities of DESIGN section 3, as float64, masked keys excluded.
 
     Returns a dict of tensors shaped like ``logits.shape[:-1]``:
@@ -480,9 +479,7 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
     docstring. NaN logits are not valid keys and are seen through the weights: a softmax row
     with a NaN input is NaN throughout). Values in rows that are not checkable are unspecified.
     ``w_table``: ``bounds.lambertw_table(n_max)`` with ``n_max >= logits.shape[-1]`` (any float
-    dtype, on the logits' device; float64 keeps it exact). ``recomputed_logits`` (optional): the
-    same values as ``logits`` from other ops (``passes.insert_checks.insert_check_logits``); the
-    per-element statistics read them, the row maximum reads ``logits``, the softmax's own input.
+    dtype, on the logits' device; float64 keeps it exact).
     """
     length = logits.shape[-1]
     if w_table.shape[0] < length + 1:
@@ -492,12 +489,11 @@ def softmax_row_stats(logits: torch.Tensor, weights: torch.Tensor, w_table: torc
         raise ValueError("float64 logits with lower-precision weights: the softmax rounded its "
                          "input first, which this error model does not cover; pass the logits "
                          "the softmax actually read")
-    values = logits if recomputed_logits is None else recomputed_logits
-    valid = valid_keys(values, mask)
+    valid = valid_keys(logits, mask)
     # Per element in float32 (exact for the inputs; products and sums charged in the
     # tolerance), per row in float64.
     elem = element_dtype(logits.dtype, weights.dtype)
-    a = values.to(elem)
+    a = logits.to(elem)
     w = weights.to(elem)
     zero = torch.zeros((), dtype=elem, device=a.device)
     n = valid.to(elem).sum(-1).long()  # exact: rows are shorter than 2^24 keys
@@ -589,20 +585,18 @@ def softmax_bounds_tolerance(stats: dict[str, torch.Tensor], weights_dtype: torc
 
 @sliced_when_eager
 def softmax_bounds_score(logits: torch.Tensor, weights: torch.Tensor, w_table: torch.Tensor,
-                         mask: torch.Tensor | None = None,
-                         recomputed_logits: torch.Tensor | None = None) -> torch.Tensor:
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row score of ``max(lower1, middle) <= eps <= min(upper1, tau)`` (DESIGN section 3).
 
     ``logits``: the tensor that entered softmax (scaled, masked), keys on the last dim;
     ``weights``: the softmax output as consumed downstream (same shape, its own dtype);
     ``w_table``: ``bounds.lambertw_table(n)`` with n >= logits.shape[-1], kept as a buffer on
-    the logits' device; ``mask`` (optional, True = valid) on top of the finfo.min/-inf rule;
-    ``recomputed_logits`` as in ``softmax_row_stats``.
+    the logits' device; ``mask`` (optional, True = valid) on top of the finfo.min/-inf rule.
     eps = a* - sum_V w_j a_j is the seed's "s@w" deviation. Score = max(lower - eps,
     eps - upper, 0) / tol (``softmax_bounds_tolerance``); 0 for rows with n < 2; +inf for rows
     with NaN/+Inf logits or NaN/Inf weights.
     """
-    stats = softmax_row_stats(logits, weights, w_table, mask, recomputed_logits)
+    stats = softmax_row_stats(logits, weights, w_table, mask)
     tol = softmax_bounds_tolerance(stats, weights.dtype, logits.shape[-1])
     lower = torch.maximum(stats["lower1"], stats["middle"])
     upper = torch.minimum(stats["upper1"], stats["upper2"])

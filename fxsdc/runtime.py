@@ -228,8 +228,8 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
 def stored_when_compiling(x: torch.Tensor) -> torch.Tensor:
     """``x``; under torch.compile stored in a buffer of its own, which the compiled model's
     kernels read. Inserted where a checked layer's checks read a value that the compiled model
-    would recompute (the scaled scores) and no injection node stores it
-    (``passes.insert_checks.store_checked_sites``).
+    would recompute (the scaled scores, the logits) and no injection node stores it
+    (``passes.insert_checks.store_checked_sites``, ``passes.insert_checks.store_logits``).
 
     As an injection node does with its flip in place: ``_stored`` realises x, and an opaque op
     that writes x (``fxsdc::xor_elements_`` on no element) ends the kernel that stores it. With
@@ -257,9 +257,9 @@ def stored_as_float(mask: torch.Tensor) -> torch.Tensor:
 def recomputed_when_compiling(values: torch.Tensor, recompute: torch.nn.Module,
                               *inputs: object) -> torch.Tensor:
     """``values`` eagerly; under torch.compile ``recompute(*inputs)``, which gives the same values
-    from ops that are cheaper to re-run in each compiled loop that reads them (see
-    ``passes.insert_checks.insert_check_logits``). Eagerly ``values`` is already in memory, and
-    recomputing it would cost a pass and a tensor of its size."""
+    from ops that compile to cheaper code (see ``passes.insert_checks.insert_check_logits``).
+    Eagerly ``values`` is already in memory, and recomputing it would cost a pass and a tensor of
+    its size."""
     return recompute(*inputs) if torch.compiler.is_compiling() else values
 
 

@@ -34,10 +34,12 @@ _TABLE: dict[str, tuple[frozenset, frozenset[str], tuple[type, ...]]] = {
     "mask": (frozenset({torch.where, torch.masked_fill, operator.add, torch.add, torch.max,
                         torch.maximum, torch.clamp}),
              frozenset({"masked_fill", "add", "__add__", "clamp", "max", "maximum"}), ()),
-    # Nodes our own passes insert on a value's way (fault injection, stores for the checks):
-    # transparent to the matcher when it runs again; their values flow from the first argument.
+    # Nodes our own passes insert on a value's way (fault injection, stores and copies for the
+    # checks): transparent to the matcher when it runs again; their values flow from the first
+    # argument.
     "inserted": (frozenset({runtime.inject_bitflips, runtime.inject_random,
-                            runtime.stored_when_compiling}), frozenset(), ()),
+                            runtime.stored_when_compiling, runtime.recomputed_when_compiling}),
+                 frozenset(), ()),
 }
 
 

@@ -1,6 +1,7 @@
-"""The checks' copy of the logits (``passes.insert_checks.insert_check_logits``): the same values
-as the logits, boolean masks read from float32 copies, used only under torch.compile, and in a
-compiled GPT-2 layer no check loop over the logits expands a boolean mask."""
+"""The copy of the logits (``passes.insert_checks.insert_check_logits``) that a checked layer's
+softmax and checks read, stored (``store_logits``): the same values as the logits, boolean masks
+read from float32 copies, used only under torch.compile, and in a compiled checked GPT-2 layer no
+loop over the logits expands a boolean mask."""
 from __future__ import annotations
 
 import re
@@ -13,7 +14,7 @@ from torch._inductor.utils import run_and_get_code
 
 import passes.insert_checks as insert_checks_module
 from fxsdc import instrument, runtime
-from fxsdc.pipeline import compile_module
+from fxsdc.pipeline import compare_outputs, compile_module
 
 from .helpers import node_values, token_inputs
 
@@ -62,20 +63,21 @@ def _bool_mask_loads_over_logits(module: torch.nn.Module, inputs: dict[str, torc
 
 
 @pytest.mark.slow
-def test_checks_add_no_pass_expanding_a_bool_mask(monkeypatch) -> None:
-    """GPT-2's softmax loads its bool causal mask in each of its passes over the logits; the
-    bounds check, which loops over them too, reads the float copy instead: without the copy, the
-    check's loop is one more such pass."""
-    result = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
+def test_checked_layers_expand_no_bool_mask_over_their_logits(monkeypatch) -> None:
+    """GPT-2's softmax loads its bool causal mask in its passes over the logits. In checked
+    layers the softmax and the checks read the stored copy (``store_logits``), which reads the
+    float mask: no pass over the logits expands the bool mask. Without the copy, the stored
+    logits are the model's own, and their masking pass expands it."""
+    result = instrument("gpt2", tiny=True, checks=("bounds",))
     batch, seq = 2, 64
     inputs = token_inputs(result.original.config.vocab_size, batch, seq)
+    assert _bool_mask_loads_over_logits(result.original, inputs) > 0, "the probe must see them"
     result.detector.reset(batch)
-    with_copy = _bool_mask_loads_over_logits(result.gm, inputs)
-    assert with_copy > 0, "the probe must see the softmax's mask loads"
+    assert _bool_mask_loads_over_logits(result.gm, inputs) == 0
     monkeypatch.setattr(insert_checks_module, "insert_check_logits", lambda gm, site: None)
-    without = instrument("gpt2", tiny=True, checks=("bounds",), layers=[0])
+    without = instrument("gpt2", tiny=True, checks=("bounds",))
     without.detector.reset(batch)
-    assert _bool_mask_loads_over_logits(without.gm, inputs) == with_copy + 1
+    assert _bool_mask_loads_over_logits(without.gm, inputs) > 0
 
 
 @pytest.mark.slow
@@ -107,3 +109,32 @@ def test_compiled_checks_read_the_copy_and_stay_silent_on_clean_padded_inputs() 
     with torch.no_grad():
         compiled(**inputs)
     assert result.detector.read()[0].per_sample == (0, 1, 0)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bert-base-uncased"])
+def test_softmax_and_checks_of_checked_layers_read_stored_logits(model: str) -> None:
+    """``store_logits``: in each checked layer the softmax reads a store node, of the copy where
+    a bool mask is converted (GPT-2) and of the logits themselves where none is (BERT); the
+    bounds and softmax checks read the same node. Unchecked layers, and layers checked by abft
+    alone (no check reads their logits), keep the model's softmax input."""
+    from passes.ops import is_op
+
+    result = instrument(model, tiny=True, checks=("bounds", "softmax", "abft"), layers=[0])
+    modules = dict(result.gm.named_modules())
+    softmaxes = [n for n in result.gm.graph.nodes if is_op(n, "softmax", modules)]
+    assert len(softmaxes) >= 2
+    stored = softmaxes[0].args[0]
+    assert stored.target is runtime.stored_when_compiling
+    source = stored.args[0]
+    assert (source.target is runtime.recomputed_when_compiling) == (model == "gpt2")
+    readers = {n.name.split("_")[1] for n in stored.users if n is not softmaxes[0]}
+    assert readers == {"bounds", "softmax"}
+    assert all(s.args[0].target is not runtime.stored_when_compiling for s in softmaxes[1:])
+    abft_only = instrument(model, tiny=True, checks=("abft",))
+    assert not any(n.target is runtime.stored_when_compiling and n.name.startswith(
+        "fxsdc_store_logits") for n in abft_only.gm.graph.nodes)
+    # Eagerly the store passes the model's logits on: the outputs are the original's, bitwise.
+    result.detector.reset(result.example["input_ids"].shape[0])
+    with torch.no_grad():
+        assert compare_outputs(result.original(**result.example),
+                               result.gm(**result.example)) == (True, 0.0)

@@ -183,7 +183,8 @@ def test_idle_injection_adds_no_attention_sized_buffer_to_a_checked_graph():
 
 def test_a_detector_without_injection_nodes_stores_what_its_checks_read():
     """Checks without injection nodes (``locations=[]``, what an operator leaves on) get a store
-    node at the scaled scores and at the weights (``insert_checks.store_checked_sites``):
+    node at the scaled scores and at the weights (``insert_checks.store_checked_sites``) and at
+    the logits (``insert_checks.store_logits``):
     eagerly they pass their input through; compiled, each ends its kernel with an in-place op on
     no element, as an injection node's flip would, and the forward still equals the compiled
     original's bitwise and flags no clean row."""
@@ -192,7 +193,7 @@ def test_a_detector_without_injection_nodes_stores_what_its_checks_read():
     layers = sorted({c.layer for c in result.checks})
     stores = sorted(n.name for n in result.gm.graph.nodes if n.name.startswith("fxsdc_store_"))
     assert layers and stores == sorted(f"fxsdc_store_{location}_{layer}" for layer in layers
-                                       for location in ("scores", "weights"))
+                                       for location in ("scores", "weights", "logits"))
     batch = result.example["input_ids"].shape[0]
     result.detector.reset(batch)
     with torch.no_grad():
