@@ -97,13 +97,19 @@ from fxsdc import models  # noqa: E402
 from fxsdc.bits import layout  # noqa: E402
 from fxsdc.faults import Fault  # noqa: E402
 from fxsdc.pipeline import compare_outputs, compile_module  # noqa: E402
-from passes.match_attention import LOCATIONS  # noqa: E402
+from passes.graph_utils import clone_graph_module  # noqa: E402
+from passes.insert_checks import store_logits  # noqa: E402
+from passes.match_attention import LOCATIONS, match_attention  # noqa: E402
 
 ALL_CHECKS = ("bounds", "softmax", "abft")
 CHECK_SETS: dict[str, tuple[str, ...]] = {"none": (), "bounds": ("bounds",),
                                           "softmax": ("softmax",), "abft": ("abft",),
-                                          "all": ALL_CHECKS, "all-noinject": ALL_CHECKS}
+                                          "all": ALL_CHECKS, "all-noinject": ALL_CHECKS,
+                                          "stored-logits": ()}
 NO_INJECTION = {"all-noinject"}  # checks only, no injection nodes: the deployable detector
+# The original with its logits stored as a checked layer stores them (no checks, no injection
+# nodes): how much of a checked model's time is the store's effect on the model's own softmax.
+STORED_LOGITS = "stored-logits"
 MASKED_ATOL = 1e-3  # |logit change| at or below this: the fault was masked (bench convention)
 T0 = time.perf_counter()
 
@@ -187,7 +193,7 @@ class Variant:
     base: torch.nn.Module  # the GraphModule behind it (resident bytes)
     reference: str  # name of the variant it is compared with
     inputs: dict[str, torch.Tensor]
-    result: Any = None  # the Instrumented object (None for originals)
+    result: Any = None  # the Instrumented object (None for originals and stored-logits)
     compile_s: float | None = None
     times: list[float] = dataclasses.field(default_factory=list)
     ratios: list[float] = dataclasses.field(default_factory=list)
@@ -212,6 +218,8 @@ def instrument_all(model: torch.nn.Module, device: torch.device, batch: int,
     results: dict[str, Any] = {}
     original = None
     for key in keys:
+        if key == STORED_LOGITS:
+            continue
         checks = CHECK_SETS[key]
         start = time.perf_counter()
         result = fxsdc.instrument(model, checks=list(checks), slots=1,
@@ -223,7 +231,22 @@ def instrument_all(model: torch.nn.Module, device: torch.device, batch: int,
         original = original or result.original
         log(f"instrumented checks={key} in {time.perf_counter() - start:.1f}s "
             f"({len(result.checks)} check nodes, {len(result.sites)} sites)")
+    if STORED_LOGITS in keys:
+        if original is None:
+            original = fxsdc.instrument(model, checks=[], locations=[]).original.to(device)
+        results[STORED_LOGITS] = with_stored_logits(original)
     return original, results
+
+
+def with_stored_logits(original: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``original`` whose every softmax reads its logits from a store, as in a layer
+    with checks (``passes.insert_checks.store_logits``), with no check and no injection node."""
+    gm = clone_graph_module(original)
+    for site in match_attention(gm):
+        store_logits(gm, site)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def make_variants(mode: str, original: fx.GraphModule, results: dict[str, Any], layers: int,
@@ -232,8 +255,9 @@ def make_variants(mode: str, original: fx.GraphModule, results: dict[str, Any], 
     wrap = compile_module if mode == "compiled" else (lambda m: m)
     out = [Variant(ref, mode, "original", layers, wrap(original), original, ref, inputs)]
     for key, result in results.items():
-        out.append(Variant(f"{mode}/{key}", mode, key, layers, wrap(result.gm), result.gm, ref,
-                           inputs, result))
+        gm = result if isinstance(result, fx.GraphModule) else result.gm
+        out.append(Variant(f"{mode}/{key}", mode, key, layers, wrap(gm), gm, ref, inputs,
+                           None if gm is result else result))
     return out
 
 
@@ -792,6 +816,18 @@ def main(argv: list[str] | None = None) -> int:
             r = statistics.median(e.ratios)
             target(f"{label}, eager", "(none)", (r - 1) * 100, None, "{:+.1f} %",
                    f"{e.layers}-layer model; informative, the targets are for compiled")
+    stored = by_name.get(f"compiled/{STORED_LOGITS}")
+    for key, label in (("all", "all online checks"),
+                       ("all-noinject", "all online checks, no injection nodes")):
+        v = by_name.get(f"compiled/{key}")
+        if stored is None or v is None or not v.ratios or len(v.ratios) != len(stored.ratios):
+            continue
+        over = [a / b for a, b in zip(v.ratios, stored.ratios)]  # same round, same original
+        lo, hi = median_ci(over)
+        target(f"{label}, compiled, over {STORED_LOGITS}", "(none)",
+               (statistics.median(over) - 1) * 100, None,
+               "{:+.1f} %" + f" (95 % CI {(lo - 1) * 100:+.1f} to {(hi - 1) * 100:+.1f})",
+               "informative: the checks' cost over the original with the same logits store")
     for mode in ("eager", "compiled"):
         v = by_name.get(f"{mode}/all")
         if v and v.memory.get("peak_total_ratio"):
