@@ -592,6 +592,15 @@ def verdict(values: list[float], limit: float) -> bool | None:
     return True if hi <= limit else False if lo > limit else None
 
 
+def verdict_text(target: dict[str, Any]) -> str:
+    """A target's verdict as printed: an interval across a limit is unresolved; a value with
+    no limit (informative) has none."""
+    if target["met"] is not None:
+        return "met" if target["met"] else "MISSED"
+    informative = target["limit"] == "(none)" or "CI" not in (target["measured"] or "")
+    return "-" if informative else "unresolved"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -902,10 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trial results identical one/pass vs many/pass: {sweep['identical']}; "
               f"batch-1: {sweep['batch1_agreement']}")
     print()
-    print(tabulate([[t["target"], t["limit"], t["measured"] or "-",
-                     {True: "met", False: "MISSED",
-                      None: "unresolved" if "CI" in (t["measured"] or "") else "-"}[t["met"]],
-                     t["note"]]
+    print(tabulate([[t["target"], t["limit"], t["measured"] or "-", verdict_text(t), t["note"]]
                     for t in targets], headers=["target", "limit", "measured", "verdict",
                                                 "note"]))
     for name, table in profiles.items():
