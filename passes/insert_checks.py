@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxsdc import checks as check_math
 from fxsdc import runtime
@@ -236,22 +237,41 @@ def _is_bool_tensor(node: object) -> bool:
     return getattr(meta, "dtype", None) == torch.bool
 
 
+def _stored_reader(operand: fx.Node, logits: fx.Node
+                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the logits' copy reads a mask operand: bool tensors through a float32 copy, floating
+    tensors smaller than the logits from a store of their own; others as they are (a single
+    element, which inductor loads once per loop; one of the logits' size, which a store would
+    copy whole)."""
+    if _is_bool_tensor(operand):
+        return runtime.stored_as_float
+    meta, whole = operand.meta.get("tensor_meta"), logits.meta.get("tensor_meta")
+    if (isinstance(meta, TensorMetadata) and isinstance(whole, TensorMetadata)
+            and meta.dtype.is_floating_point and 1 < meta.shape.numel() < whole.shape.numel()):
+        return runtime.stored_operand
+    return None
+
+
 def insert_check_logits(gm: fx.GraphModule, site: AttentionSite) -> fx.Node | None:
     """Insert, before the softmax, a node giving the site's logits recomputed under torch.compile
-    from the consumed scores with every boolean operand of the masking ops (a causal mask, say)
-    read from a float32 copy (``runtime.stored_as_float``); eagerly it is the logits node's value.
-    None when no masking op reads a boolean tensor, or when a module call is on the way from the
-    scores to the logits.
+    from the consumed scores with each mask operand of the masking ops read from a store: a
+    boolean one (a causal mask, say) as a float32 copy (``runtime.stored_as_float``), a floating
+    one smaller than the logits (an additive attention mask) as it is (``runtime.stored_operand``);
+    eagerly it is the logits node's value. None when there is no such operand, or when a module
+    call is on the way from the scores to the logits.
 
-    Inductor's C++ code expands a boolean mask element by element; the float copy is one load and
-    one comparison. The copy of the masking ops is a submodule, ``fxsdc_check_logits_{layer}``,
-    called by ``runtime.recomputed_when_compiling``; ``store_logits`` stores what it gives.
+    Inductor's C++ code expands a boolean mask element by element, and recomputes a small operand
+    made from others (GPT-2's additive mask, from the int64 attention mask) in every element of
+    the loop that reads it; stored, each is one load. The copy of the masking ops is a submodule,
+    ``fxsdc_check_logits_{layer}``, called by ``runtime.recomputed_when_compiling``;
+    ``store_logits`` stores what it gives.
     """
     scores = site.consumed("scores")
     path = _path_nodes(scores, site.logits)
     inputs = list(dict.fromkeys(a for n in path for a in n.all_input_nodes
                                 if a not in path and a is not scores))
-    if not any(_is_bool_tensor(a) for a in inputs):
+    readers = {a: _stored_reader(a, site.logits) for a in inputs}
+    if not any(readers.values()):
         return None
     if any(n.op not in ("call_function", "call_method") for n in path):
         return None  # a module on the way (the copy would need it): the checks read the logits
@@ -259,8 +279,8 @@ def insert_check_logits(gm: fx.GraphModule, site: AttentionSite) -> fx.Node | No
     env = {scores: copy.placeholder("scores")}
     for i, node in enumerate(inputs):
         env[node] = copy.placeholder(f"input_{i}")
-        if _is_bool_tensor(node):
-            env[node] = copy.call_function(runtime.stored_as_float, (env[node],))
+        if readers[node] is not None:
+            env[node] = copy.call_function(readers[node], (env[node],))
     for node in path:
         env[node] = copy.node_copy(node, env.__getitem__)
     copy.output(env[site.logits])
