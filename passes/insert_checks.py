@@ -274,7 +274,7 @@ def insert_check_logits(gm: fx.GraphModule, site: AttentionSite) -> fx.Node | No
     if not any(readers.values()):
         return None
     if any(n.op not in ("call_function", "call_method") for n in path):
-        return None  # a module on the way (the copy would need it): the checks read the logits
+        return None  # a module on the way (the copy would need it): the logits are stored as is
     copy = fx.Graph()
     env = {scores: copy.placeholder("scores")}
     for i, node in enumerate(inputs):
