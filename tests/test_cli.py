@@ -73,6 +73,19 @@ def test_checks_are_listed_and_the_clean_run_flags_nothing(capsys):
     assert report["fault"]["detected_by"]["softmax"] is True
 
 
+@pytest.mark.slow
+def test_compile_verifies_a_bert_model_against_its_compiled_original(capsys):
+    """``--compile`` compares with the original compiled with inductor's pattern matcher off:
+    on, inductor replaces BERT's attention in the original by a fused scaled-dot-product kernel,
+    which rounds differently and which the instrumented graph cannot use (before, ``--compile``
+    exited 1 on every BERT-architecture model)."""
+    code, out, _ = run_cli(capsys, "instrument", "minilm", "--tiny", "--json", "--compile",
+                           "--checks", "bounds,softmax,abft")
+    compiled = json.loads(out)["compiled"]
+    assert code == 0 and compiled["bitwise_equal"] is True and compiled["max_abs_diff"] == 0.0
+    assert compiled["max_abs_diff_vs_pattern_matched_original"] >= 0.0
+
+
 def test_save_writes_every_export(capsys, tmp_path):
     target = tmp_path / "out"
     code, out, _ = run_cli(capsys, "instrument", "distilbert", "--tiny", "--save", str(target),
