@@ -6,6 +6,8 @@ Everything is measured in one run and reported as a ratio to the uninstrumented 
 shared machine are not comparable across runs. For each variant
 
     original | instrumented, faults off, no checks | + bounds | + softmax | + abft | + all checks
+    | all checks without injection nodes | stored-logits (the original with its logits stored as
+    a checked layer stores them, no check: the checks' cost is also reported over it)
 
 eagerly and through ``torch.compile`` (compiled variants compare against the compiled original;
 all, the original included, compile through ``fxsdc.pipeline.compile_module``, the same options),
