@@ -195,3 +195,17 @@ def test_compiled_detector_with_stored_logits_equals_the_compiled_original(model
     assert equal, f"compiled detector differs from the compiled original by {diff}"
     readings = result.detector.read()
     assert readings and all(r.rows > 0 and r.flagged == 0 for r in readings)
+
+
+def test_store_logits_reuses_a_store_the_softmax_already_reads() -> None:
+    """Where the softmax's input is a store already (the scaled scores' store of a layer with no
+    masking op, or a second call), ``store_logits`` returns it and adds no second store."""
+    from passes.match_attention import match_attention
+
+    result = instrument("gpt2", tiny=True, locations=[])
+    gm = result.gm
+    site = match_attention(gm)[0]
+    first = insert_checks_module.store_logits(gm, site)
+    assert insert_checks_module.store_logits(gm, site) is first
+    stores = [n for n in gm.graph.nodes if n.target is runtime.stored_when_compiling]
+    assert stores == [first] and site.softmax.args[0] is first
